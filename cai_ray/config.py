@@ -1,0 +1,432 @@
+"""Typed run configuration: one dataclass per component, defaults in exactly one place.
+
+Resolution order: class defaults < named YAML file (`configs/*.yaml`) < `key.sub=value` overrides
+from the command line. `load_config` reports every unknown key, wrong type and impossible value in
+one `ValidationError` (each with its dotted path and whether it came from the file or the command
+line), then `check_environment` checks what lies outside the config (constitution file, data files,
+model names), all before any actor starts.
+
+    cfg = load_config("configs/cpu-smollm.yaml", ["ppo.steps=10", "rollout.engine.dtype=float32"])
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cai_ray.configschema import (
+    Problem,
+    ValidationError,
+    build,
+    in_range,
+    non_empty,
+    non_negative,
+    option,
+    positive,
+    to_dict,
+)
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+ROLES = ("rollout", "feedback", "reward", "trainer", "reference")
+
+
+@dataclass
+class ModelSpec:
+    path: str = option("smollm2", "built-in name (smollm2, tiny-llama), a local HF directory, "
+                       "or a hub id such as Qwen/Qwen2.5-7B-Instruct", non_empty)
+    revision: str | None = option(None, "hub revision (branch, tag or commit)")
+    tokenizer: str | None = option(None, "tokenizer location when it differs from `path`")
+    trust_remote_code: bool = option(False, "run code shipped with the model (off: safe default)")
+    dtype: Dtype = option("bfloat16", "dtype for training and scoring in torch")
+
+
+@dataclass
+class EngineConfig:
+    """vLLM engine settings shared by the rollout and feedback roles."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "bfloat16", "vLLM weight/activation dtype (float32 for exact trainer agreement)")
+    max_model_len: int = option(2048, "longest prompt+completion in tokens", positive)
+    kv_cache_gib: float = option(2.0, "CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)",
+                                 positive)
+    gpu_memory_utilization: float = option(0.85, "GPU only: share of GPU memory vLLM may take",
+                                           in_range(0.0, 1.0, lo_open=True))
+    enforce_eager: bool | None = option(None, "disable CUDA graphs; null = eager on CPU only")
+    tensor_parallel_size: int = option(1, "GPUs per engine (tensor parallelism)", positive)
+    enable_prefix_caching: bool = option(True, "share KV blocks between requests with a common "
+                                         "prefix (orders and principles in labelling)")
+    max_num_seqs: int = option(64, "sequences batched per engine step", positive)
+    block_size: int | None = option(None, "KV block size; on CPU a multiple of 32", positive)
+    in_process: bool = option(True, "run the engine core in the actor's process "
+                              "(VLLM_ENABLE_V1_MULTIPROCESSING=0: faster start, half the RAM)")
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.block_size is not None and self.block_size % 32:
+            return [("block_size", f"the CPU backend needs a multiple of 32, got {self.block_size}")]
+        return []
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = option(1.0, "sampling temperature (paper: 1.0)", non_negative)
+    top_p: float = option(1.0, "nucleus sampling mass", in_range(0.0, 1.0, lo_open=True))
+    top_k: int = option(0, "top-k sampling; 0 = off", non_negative)
+    repetition_penalty: float = option(1.0, "vLLM repetition penalty (1.0 = off)", positive)
+    max_new_tokens: int = option(128, "tokens sampled per response (paper: up to 128)", positive)
+    seed: int | None = option(None, "per-request seed base; null = engine seed")
+
+
+@dataclass
+class RolloutConfig:
+    engine: EngineConfig = option(factory=EngineConfig, help="vLLM engine settings")
+    sampling: SamplingConfig = option(factory=SamplingConfig, help="default sampling parameters")
+
+
+@dataclass
+class FeedbackConfig:
+    model: ModelSpec | None = option(None, "feedback (judge) model; null = the policy model")
+    engine: EngineConfig = option(factory=EngineConfig, help="vLLM engine settings for the judge")
+    method: Literal["logprob", "cot"] = option("logprob", "soft labels from option log-probs, "
+                                               "or chain-of-thought then clamped probabilities")
+    both_orders: bool = option(True, "score (A,B) and (B,A) and average, cancelling position bias")
+    num_principles: int = option(1, "principles averaged per comparison (1 = paper's sampling)",
+                                 positive)
+    few_shot: int = option(2, "few-shot labelling examples prepended (at most those available)",
+                           non_negative)
+    principle_position: Literal["before", "after"] = option(
+        "before", "principle before the options (paper) or after them (more prefix sharing)")
+    cot_clamp: list[float] = option(help="CoT probabilities are clamped to [lo, hi]",
+                                    factory=lambda: [0.4, 0.6])
+    cot_max_tokens: int = option(256, "reasoning tokens sampled in CoT mode", positive)
+    batch_size: int = option(64, "comparisons per feedback call", positive)
+
+    def problems(self) -> list[tuple[str, str]]:
+        c = self.cot_clamp
+        if len(c) != 2 or not (0.0 <= c[0] <= 0.5 <= c[1] <= 1.0):
+            return [("cot_clamp", f"must be [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1, got {c}")]
+        return []
+
+
+@dataclass
+class RewardConfig:
+    model: ModelSpec | None = option(None, "preference-model backbone; null = the policy model")
+    max_length: int = option(1024, "tokens per (conversation, response) scored", positive)
+    lr: float = option(1e-5, "PM learning rate", positive)
+    epochs: int = option(1, "passes over the comparisons (paper: 1)", positive)
+    micro_batch_size: int = option(4, "comparisons per micro-batch per rank", positive)
+    grad_accum: int = option(1, "micro-batches per optimizer step", positive)
+    helpful_fraction: float = option(0.5, "share of helpfulness comparisons in the PM mix",
+                                     in_range(0.0, 1.0))
+    eval_fraction: float = option(0.1, "held-out share for accuracy and calibration",
+                                  in_range(0.0, 1.0, hi_open=True))
+    score_batch_size: int = option(16, "responses per scoring call in PPO", positive)
+
+
+@dataclass
+class TrainerConfig:
+    zero_stage: Literal[2, 3] = option(2, "DeepSpeed ZeRO stage")
+    lr: float = option(1e-5, "peak learning rate", positive)
+    lr_schedule: Literal["constant", "linear", "cosine"] = option("constant", "paper: constant")
+    warmup_steps: int = option(0, "linear warm-up steps", non_negative)
+    weight_decay: float = option(0.0, "AdamW weight decay", non_negative)
+    micro_batch_size: int = option(4, "sequences per micro-batch per rank", positive)
+    grad_accum: int = option(1, "micro-batches per optimizer step", positive)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", positive)
+    dtype: Literal["float32", "bfloat16"] = option("bfloat16", "training dtype")
+    optimizer: Literal["adamw", "cpu_adam", "fused_adam"] = option(
+        "adamw", "torch AdamW needs no build; the DeepSpeed ones JIT-compile on first use")
+    comm_backend: Literal["auto", "gloo", "nccl"] = option("auto", "auto: nccl on GPU, gloo on CPU")
+    max_length: int = option(1024, "tokens per training sequence", positive)
+    gradient_checkpointing: bool = option(False, "trade compute for activation memory")
+
+
+@dataclass
+class SLConfig:
+    rounds: int = option(4, "critique→revision rounds per prompt (paper: 4)", positive)
+    direct_revision: bool = option(False, "ask for the revision without a critique (ablation)")
+    few_shot: int = option(5, "few-shot critique/revision examples prepended (at most those "
+                           "available)", non_negative)
+    train_rounds: int | None = option(None, "SL-CAI-n: train on revisions up to round n; "
+                                      "null = all rounds", positive)
+    helpful_samples: int = option(2, "samples per helpfulness prompt (paper: 2)", non_negative)
+    temperature: float | None = option(None, "null = rollout.sampling.temperature",
+                                       non_negative)
+    max_new_tokens: int = option(256, "tokens per response, critique or revision", positive)
+    shard_size: int = option(64, "prompts per resumable output shard", positive)
+    epochs: int = option(1, "SFT passes over the revisions (paper: 1)", positive)
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.train_rounds is not None and self.train_rounds > self.rounds:
+            return [("train_rounds", f"must be <= rounds ({self.rounds}), got {self.train_rounds}")]
+        return []
+
+
+@dataclass
+class PPOConfig:
+    steps: int = option(100, "PPO steps (one rollout batch each)", positive)
+    rollout_batch_size: int = option(64, "prompts per step", positive)
+    mini_batch_size: int = option(16, "sequences per optimizer step", positive)
+    ppo_epochs: int = option(1, "passes over each batch (paper: 1)", positive)
+    advantage: Literal["gae", "rloo", "grpo"] = option("gae", "GAE with a value head, or a "
+                                                       "critic-free estimator")
+    samples_per_prompt: int = option(1, "responses per prompt (rloo/grpo need >= 2)", positive)
+    kl_coef: float = option(0.001, "β of the KL penalty to the initial policy (HH: 0.001)",
+                            non_negative)
+    kl_estimator: Literal["k1", "k3"] = option("k1", "per-token KL estimator")
+    adaptive_kl: bool = option(False, "adapt β towards target_kl")
+    target_kl: float = option(6.0, "target KL for the adaptive controller", positive)
+    gamma: float = option(1.0, "discount (paper: 1)", in_range(0.0, 1.0))
+    lam: float = option(0.95, "GAE λ", in_range(0.0, 1.0))
+    clip_eps: float = option(0.2, "policy ratio clip ε (paper: 0.2)", in_range(0.0, 1.0, True))
+    value_clip: float = option(0.2, "value clip range", positive)
+    value_coef: float = option(0.5, "value-loss weight", non_negative)
+    entropy_coef: float = option(0.0, "entropy bonus (paper: none)", non_negative)
+    whiten_advantages: bool = option(True, "normalise advantages per batch")
+    max_staleness: int = option(1, "weight versions a training batch may lag (0 = synchronous)",
+                                non_negative)
+    checkpoint_every: int = option(10, "steps between checkpoints", positive)
+    keep_checkpoints: int = option(2, "checkpoints kept on disk", positive)
+    eval_every: int = option(0, "steps between Elo evaluations (0 = off)", non_negative)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.mini_batch_size > self.rollout_batch_size * self.samples_per_prompt:
+            out.append(("mini_batch_size", "must be <= rollout_batch_size × samples_per_prompt "
+                        f"({self.rollout_batch_size * self.samples_per_prompt})"))
+        if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            out.append(("samples_per_prompt", f"advantage={self.advantage} needs >= 2 samples "
+                        f"per prompt, got {self.samples_per_prompt}"))
+        return out
+
+
+@dataclass
+class SourceConfig:
+    name: str = option("donotanswer", "built-in source (donotanswer, advbench, mtbench, "
+                       "overrefusal), a local json/jsonl/parquet/csv file, or a hub dataset id",
+                       non_empty)
+    split: str = option("train", "split of a hub or local dataset")
+    subset: str | None = option(None, "hub dataset configuration name")
+    format: Literal["auto", "plain", "hh", "messages"] = option(
+        "auto", "plain prompt column, Human:/Assistant: transcript, or chat messages")
+    column: str | None = option(None, "column holding the prompt; null = detect")
+    limit: int | None = option(None, "use at most this many rows (after shuffling)", positive)
+
+
+@dataclass
+class DataConfig:
+    red_team: SourceConfig = option(factory=SourceConfig, help="red-team prompts")
+    helpful: SourceConfig = option(factory=lambda: SourceConfig(name="mtbench"),
+                                   help="helpfulness prompts")
+    on_bad_row: Literal["error", "skip"] = option("error", "stop at a bad row, or skip and count")
+    shuffle_seed: int = option(0, "seed of the deterministic shuffle")
+
+
+@dataclass
+class RoleResources:
+    num_actors: int = option(1, "actors in this role's group", positive)
+    num_cpus: float = option(1.0, "CPUs reserved per actor", non_negative)
+    num_gpus: float = option(0.0, "GPUs per actor (fractions when colocated)", non_negative)
+    threads: int | None = option(None, "torch threads inside each actor; null = num_cpus",
+                                 positive)
+
+
+def _role(num_actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
+    return option(factory=lambda: RoleResources(num_actors, num_cpus, num_gpus),
+                  help="resources of this role")
+
+
+@dataclass
+class PlacementConfig:
+    rollout: RoleResources = _role()
+    feedback: RoleResources = _role()
+    reward: RoleResources = _role()
+    trainer: RoleResources = _role()
+    reference: RoleResources = _role()
+    colocate: list[list[str]] = option(help="groups of roles sharing one placement group",
+                                       factory=list)
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK", "Ray placement-group strategy")
+
+    def problems(self) -> list[tuple[str, str]]:
+        out, seen = [], set()
+        for i, group in enumerate(self.colocate):
+            for role in group:
+                if role not in ROLES:
+                    out.append((f"colocate[{i}]", f"unknown role {role!r} (roles: "
+                                f"{', '.join(ROLES)})"))
+                elif role in seen:
+                    out.append((f"colocate[{i}]", f"role {role!r} is in two colocated groups"))
+                seen.add(role)
+        for role in ROLES:
+            g = getattr(self, role).num_gpus
+            if g > 1 and g != int(g):
+                out.append((f"{role}.num_gpus", f"above 1 must be a whole number, got {g}"))
+        return out
+
+
+@dataclass
+class TrackingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = option(
+        "auto", "auto: online with WANDB_API_KEY set, else offline (said in the log)")
+    project: str = option("cai-ray", "W&B project")
+    entity: str | None = option(None, "W&B entity (team)")
+    run_name: str | None = option(None, "W&B run name; null = run.name")
+    tags: list[str] = option(help="W&B tags", factory=list)
+    log_every: int = option(1, "steps between metric logs", positive)
+    sample_table_every: int = option(10, "steps between tables of sample responses", positive)
+
+
+@dataclass
+class RunConfig:
+    name: str = option("cai-ray", "run name (W&B and logs)", non_empty)
+    seed: int = option(0, "global seed (principle sampling, shuffles, torch)")
+    constitution: str = option("constitutions/default.yaml", "constitution YAML file")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
+    ray_address: str | None = option(None, "null = start a local Ray; 'auto' = join a cluster")
+    ray_num_cpus: int | None = option(None, "CPUs a local Ray advertises (may exceed cores)",
+                                      positive)
+    local_mode: bool = option(False, "run every actor group in-process (tests, debugging)")
+    call_timeout_s: float = option(900.0, "timeout of every remote call", positive)
+    startup_timeout_s: float = option(600.0, "timeout for placement groups and actor start-up",
+                                      positive)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = option("INFO", "logging level")
+
+
+@dataclass
+class Config:
+    model: ModelSpec = option(factory=ModelSpec, help="the policy model")
+    rollout: RolloutConfig = option(factory=RolloutConfig, help="rollout role (vLLM)")
+    feedback: FeedbackConfig = option(factory=FeedbackConfig, help="feedback role (AI labeller)")
+    reward: RewardConfig = option(factory=RewardConfig, help="preference model")
+    trainer: TrainerConfig = option(factory=TrainerConfig, help="DeepSpeed trainer")
+    sl: SLConfig = option(factory=SLConfig, help="SL-CAI stage")
+    ppo: PPOConfig = option(factory=PPOConfig, help="RL-CAI PPO stage")
+    data: DataConfig = option(factory=DataConfig, help="prompt sources")
+    placement: PlacementConfig = option(factory=PlacementConfig, help="actor placement")
+    tracking: TrackingConfig = option(factory=TrackingConfig, help="W&B and metrics")
+    run: RunConfig = option(factory=RunConfig, help="run-wide settings")
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        tp = self.rollout.engine.tensor_parallel_size
+        if tp > 1 and self.placement.rollout.num_gpus < tp:
+            out.append(("placement.rollout.num_gpus", f"tensor_parallel_size={tp} needs >= {tp} "
+                        f"GPUs per rollout actor, got {self.placement.rollout.num_gpus}"))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)  # type: ignore[no-any-return]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def parse_overrides(items: list[str]) -> tuple[dict[str, Any], list[Problem]]:
+    """`a.b=1` strings into a nested dict; values parsed as YAML scalars/lists ("3", "[1,2]")."""
+    tree: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key.strip()):
+            problems.append(Problem(item, "override must look like key.sub=value",
+                                    "command line"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(Problem(key, "conflicts with another override", "command line"))
+                break
+        else:
+            node[parts[-1]] = value
+    return tree, problems
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _leaf_paths(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    paths = set()
+    for k, v in tree.items():
+        p = f"{prefix}{k}"
+        paths.add(p)
+        if isinstance(v, dict):
+            paths |= _leaf_paths(v, p + ".")
+    return paths
+
+
+def read_yaml_mapping(path: Path, problems: list[Problem]) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; problems name the file and line."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(Problem("", "file not found", str(path)))
+        return {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problems.append(Problem("", f"invalid YAML: {where}{getattr(e, 'problem', e)}", str(path)))
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(Problem("", f"expected a mapping at the top, got {type(data).__name__}",
+                                str(path)))
+        return {}
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_env: bool = True) -> Config:
+    """Resolve defaults < file < overrides; raise ValidationError listing every problem."""
+    problems: list[Problem] = []
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        file_data = read_yaml_mapping(Path(path), problems)
+    over_data, over_problems = parse_overrides(overrides or [])
+    problems += over_problems
+    from_cli = _leaf_paths(over_data)
+    file_name = str(path) if path is not None else "defaults"
+
+    def source_of(dotted: str) -> str:
+        parts = dotted.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in from_cli:
+                return "command line"
+        return file_name
+
+    cfg: Config = build(Config, _merge(file_data, over_data), "", problems, source_of)
+    if check_env:  # also with schema problems: the user gets every problem in one pass
+        from cai_ray.preflight import check_environment
+        problems += check_environment(cfg, source_of)
+    if problems:
+        raise ValidationError(f"invalid config {file_name}", problems)
+    return cfg
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config into the run directory (secrets never live in the config)."""
+    out = Path(run_dir) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    tmp.replace(out)
+    return out
