@@ -319,7 +319,7 @@ class Config:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)  # type: ignore[no-any-return]
+        return to_dict(self)  # type: ignore[no-any-return,unused-ignore]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -185,16 +185,20 @@ def build(cls: type, data: Any, path: str, problems: list[Problem],
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required:
+            kwargs[name] = None  # placeholder when invalid, so the remaining checks still run
         if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                problems.append(Problem(sub, f"missing required field ({describe_type(hints[name])})",
-                                        source_of(sub)))
-                kwargs[name] = None  # placeholder so the remaining checks still run
+            if required:
+                problems.append(Problem(sub, "missing required field "
+                                        f"({describe_type(hints[name])})", source_of(sub)))
             continue
         before = len(problems)
         value = _convert(data[name], hints[name], sub, problems, source_of)
         if len(problems) > before:
-            continue  # keep the default; the problem is recorded
+            if value is not None:  # a container with bad parts: keep it for the cross-checks
+                kwargs[name] = value
+            continue  # otherwise keep the default; the problem is recorded
         check = f.metadata.get("check")
         msg = check(value) if check else None
         if msg:

@@ -22,8 +22,8 @@ from typing import Literal
 
 import yaml
 
-from cai_ray.configschema import Problem, ValidationError, build, non_empty, option, to_dict
 from cai_ray.config import read_yaml_mapping
+from cai_ray.configschema import Problem, ValidationError, build, non_empty, option, to_dict
 
 Aspect = Literal["harmless", "helpful"]
 ASPECTS: tuple[str, ...] = ("harmless", "helpful")

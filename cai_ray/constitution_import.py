@@ -104,7 +104,7 @@ def _hf_examples(chat: Any, src: str, problems: list[Problem]) -> list[dict[str,
                 problems.append(Problem(f"system_chat[{ci}][{start}]", f"expected roles "
                                         f"{_CHAT_ROLES}, got {roles}", src))
                 continue
-            out.append({k: t.get("content", "") for k, t in zip(_EXAMPLE_KEYS, block)})
+            out.append({k: t.get("content", "") for k, t in zip(_EXAMPLE_KEYS, block, strict=True)})
     return out
 
 

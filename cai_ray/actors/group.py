@@ -1,0 +1,339 @@
+"""ActorGroup: N actors of one role on a placement group, called through typed method references.
+
+    group = ActorGroup("rollout", RolloutWorker, cfg.placement.rollout, init_args=(cfg,), ...)
+    results = group.call_all(RolloutWorker.ping)          # typed: mypy checks the arguments
+    outs = group.shard_and_gather(RolloutWorker.generate, requests)
+
+Methods are named by the function object (`RolloutWorker.generate`), never by a string, so a
+rename is caught by the type checker. Every wait has a timeout; an actor error or a timeout is
+re-raised naming the role, the rank and the method. `local=True` runs the same workers in this
+process (one thread per actor, so calls to one actor stay serial like a Ray actor's), which is how
+driver logic is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+
+from cai_ray.config import RoleResources
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+W = TypeVar("W", bound="Worker")
+
+
+class ActorCallError(RuntimeError):
+    """An actor method raised, or the actor died. Names role, rank and method."""
+
+    def __init__(self, role: str, rank: int, method: str, detail: str):
+        self.role, self.rank, self.method = role, rank, method
+        super().__init__(f"{role}[rank {rank}].{method} failed: {detail}")
+
+
+class ActorTimeoutError(TimeoutError):
+    """A call (or start-up) did not finish in time. Names role, ranks and method."""
+
+    def __init__(self, role: str, ranks: list[int], method: str, timeout_s: float):
+        self.role, self.ranks, self.method, self.timeout_s = role, ranks, method, timeout_s
+        which = ", ".join(str(r) for r in ranks)
+        super().__init__(f"{role}[rank {which}].{method} did not finish within {timeout_s:g} s "
+                         f"(raise run.call_timeout_s if the work is legitimately this slow)")
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    role: str
+    rank: int
+    world_size: int
+    threads: int | None = None  # torch intra-op threads; None leaves the process default
+
+
+class Worker:
+    """Base of every actor role: holds its context and sets its thread count on purpose
+    (Ray would otherwise pin torch to OMP_NUM_THREADS=num_cpus, often 1)."""
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        if ctx.threads:
+            import torch
+
+            torch.set_num_threads(ctx.threads)
+
+    def ping(self) -> dict[str, Any]:
+        return {"role": self.ctx.role, "rank": self.ctx.rank, "pid": os.getpid()}
+
+    def close(self) -> None:
+        """Release engines before the actor is killed (vLLM leaves shared memory otherwise)."""
+
+
+@dataclass
+class Pending(Generic[R]):
+    """An in-flight call: which actor, which method, and the handle to its result."""
+
+    role: str
+    rank: int
+    method: str
+    handle: Any  # ray.ObjectRef in Ray mode, concurrent.futures.Future in local mode
+    started: float = field(default_factory=time.monotonic)
+
+
+class _LocalActor:
+    """One worker in this process, served by one daemon thread: calls run one at a time and a
+    hung call cannot block interpreter exit."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self._jobs: queue.Queue[tuple[Callable[..., Any], tuple, dict, cf.Future]] = queue.Queue()
+        self.instance: Any = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self.ready: cf.Future = self.submit(lambda: setattr(self, "instance", factory()))
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, kwargs, fut = self._jobs.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                e.__cai_tb__ = traceback.format_exc()  # type: ignore[attr-defined]
+                fut.set_exception(e)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        self._jobs.put((fn, args, kwargs, fut))
+        return fut
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _remote_detail(err: BaseException) -> str:
+    """The useful part of a remote failure: the original exception and its last frames, without
+    terminal colours or caret lines."""
+    cause = getattr(err, "cause", None)
+    text = "".join(traceback.format_exception(cause)) if cause is not None else str(err)
+    lines = [ln for ln in _ANSI.sub("", text).strip().splitlines()
+             if ln.strip() and not set(ln.strip()) <= {"^", "~"}]
+    head = f"{type(cause).__name__}: {cause}" if cause is not None else type(err).__name__
+    return head + "\n    " + "\n    ".join(lines[-6:])
+
+
+class ActorGroup(Generic[W]):
+    """N actors of one role. See the module docstring."""
+
+    def __init__(self, role: str, worker_cls: type[W], resources: RoleResources, *,
+                 init_args: tuple = (), init_kwargs: dict[str, Any] | None = None,
+                 local: bool = False, call_timeout_s: float = 900.0,
+                 startup_timeout_s: float = 600.0, env_vars: dict[str, str] | None = None,
+                 strategy: str = "PACK"):
+        self.role = role
+        self.worker_cls = worker_cls
+        self.resources = resources
+        self.local = local
+        self.call_timeout_s = call_timeout_s
+        self.startup_timeout_s = startup_timeout_s
+        self._inflight = [0] * resources.num_actors
+        self._pg: Any = None
+        self._actors: list[Any] = []
+        n = resources.num_actors
+        threads = resources.threads or max(1, int(resources.num_cpus))
+        ctxs = [WorkerContext(role, r, n, threads) for r in range(n)]
+        kwargs = init_kwargs or {}
+        t0 = time.monotonic()
+        if local:
+            for k, v in (env_vars or {}).items():
+                os.environ.setdefault(k, v)
+            self._actors = [_LocalActor(functools.partial(worker_cls, c, *init_args, **kwargs))
+                            for c in ctxs]
+            pend: list[Pending[Any]] = [Pending(role, r, "__init__", a.ready)
+                                        for r, a in enumerate(self._actors)]
+        else:
+            self._start_ray(ctxs, init_args, kwargs, env_vars or {}, strategy)
+            pend = [Pending(role, r, "__init__", a.ping.remote())
+                    for r, a in enumerate(self._actors)]
+        try:
+            self.get(pend, timeout=startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("%s group: %d actor(s) %s in %.1f s", role, n,
+                 "in-process" if local else "on Ray", time.monotonic() - t0)
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    def _start_ray(self, ctxs: list[WorkerContext], init_args: tuple, kwargs: dict[str, Any],
+                   env_vars: dict[str, str], strategy: str) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        res = self.resources
+        bundle = {k: v for k, v in (("CPU", res.num_cpus), ("GPU", res.num_gpus)) if v > 0}
+        if bundle:
+            self._pg = placement_group([bundle] * res.num_actors, strategy=strategy,
+                                       name=f"cai-ray-{self.role}-{os.getpid()}-{id(self)}")
+            ready, _ = ray.wait([self._pg.ready()], timeout=self.startup_timeout_s)
+            if not ready:
+                ray.util.remove_placement_group(self._pg)
+                raise ActorTimeoutError(self.role, list(range(res.num_actors)),
+                                        f"placement group ({res.num_actors} × {bundle}; cluster "
+                                        f"has {ray.available_resources()})",
+                                        self.startup_timeout_s)
+        remote_cls = ray.remote(self.worker_cls)
+        for ctx in ctxs:
+            opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
+                                    "runtime_env": {"env_vars": env_vars} if env_vars else None}
+            if self._pg is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=ctx.rank)
+            self._actors.append(remote_cls.options(**opts).remote(ctx, *init_args, **kwargs))
+
+    # --- calls ----------------------------------------------------------------------------------
+
+    @property
+    def num_actors(self) -> int:
+        return len(self._actors)
+
+    def _method_name(self, fn: Callable[..., Any]) -> str:
+        name = getattr(fn, "__name__", None)
+        if name is None or getattr(self.worker_cls, name, None) is not fn and \
+                getattr(Worker, name, None) is not fn:
+            raise TypeError(f"{fn!r} is not a method of {self.worker_cls.__name__}")
+        return name
+
+    def submit(self, rank: int, fn: Callable[Concatenate[W, P], R], *args: P.args,
+               **kwargs: P.kwargs) -> Pending[R]:
+        """Start `fn` on actor `rank`; returns at once."""
+        name = self._method_name(fn)
+        actor = self._actors[rank]
+        if self.local:
+            handle: Any = actor.submit(lambda: fn(actor.instance, *args, **kwargs))
+        else:
+            handle = getattr(actor, name).remote(*args, **kwargs)
+        self._inflight[rank] += 1
+        return Pending(self.role, rank, name, handle)
+
+    def least_loaded(self) -> int:
+        return min(range(self.num_actors), key=lambda r: self._inflight[r])
+
+    def submit_least_loaded(self, fn: Callable[Concatenate[W, P], R], *args: P.args,
+                            **kwargs: P.kwargs) -> Pending[R]:
+        return self.submit(self.least_loaded(), fn, *args, **kwargs)
+
+    def call(self, rank: int, fn: Callable[Concatenate[W, P], R], *args: P.args,
+             **kwargs: P.kwargs) -> R:
+        return self.get([self.submit(rank, fn, *args, **kwargs)])[0]
+
+    def call_all(self, fn: Callable[Concatenate[W, P], R], *args: P.args,
+                 **kwargs: P.kwargs) -> list[R]:
+        """The same call on every actor; results in rank order."""
+        return self.get([self.submit(r, fn, *args, **kwargs) for r in range(self.num_actors)])
+
+    def shard_and_gather(self, fn: Callable[Concatenate[W, list[T], P], list[R]],
+                         items: list[T], *args: P.args, **kwargs: P.kwargs) -> list[R]:
+        """Split `items` into contiguous shards, one per actor; concatenate results in order."""
+        n = self.num_actors
+        bounds = [len(items) * r // n for r in range(n + 1)]
+        pend = [self.submit(r, fn, items[bounds[r]:bounds[r + 1]], *args, **kwargs)
+                for r in range(n) if bounds[r + 1] > bounds[r]]
+        return [x for part in self.get(pend) for x in part]
+
+    # --- waiting --------------------------------------------------------------------------------
+
+    def _done(self, p: Pending[Any]) -> None:
+        self._inflight[p.rank] = max(0, self._inflight[p.rank] - 1)
+
+    def _result(self, p: Pending[R]) -> R:
+        """The result of a finished call, with errors re-raised naming role, rank, method."""
+        self._done(p)
+        if self.local:
+            try:
+                return p.handle.result(timeout=0)  # type: ignore[no-any-return,unused-ignore]
+            except Exception as e:
+                tb = getattr(e, "__cai_tb__", "")
+                raise ActorCallError(self.role, p.rank, p.method,
+                                     f"{type(e).__name__}: {e}\n{tb}") from e
+        import ray
+
+        try:
+            return ray.get(p.handle, timeout=0)  # type: ignore[no-any-return,unused-ignore]
+        except ray.exceptions.RayTaskError as e:
+            raise ActorCallError(self.role, p.rank, p.method, _remote_detail(e)) from e
+        except ray.exceptions.RayActorError as e:
+            raise ActorCallError(self.role, p.rank, p.method,
+                                 f"the actor died ({_remote_detail(e)})") from e
+
+    def get(self, pendings: list[Pending[R]], timeout: float | None = None) -> list[R]:
+        """Wait for all calls (at most `timeout`, default run.call_timeout_s); results in order."""
+        limit = self.call_timeout_s if timeout is None else timeout
+        if self.local:
+            _, not_done = cf.wait([p.handle for p in pendings], timeout=limit)
+            late = [p for p in pendings if p.handle in not_done]
+        else:
+            import ray
+
+            refs = [p.handle for p in pendings]
+            _, not_ready = ray.wait(refs, num_returns=len(refs), timeout=limit)
+            late = [p for p in pendings if p.handle in set(not_ready)]
+        if late:
+            raise ActorTimeoutError(self.role, sorted({p.rank for p in late}), late[0].method,
+                                    limit)
+        return [self._result(p) for p in pendings]
+
+    def as_completed(self, pendings: list[Pending[R]], timeout: float | None = None
+                     ) -> Iterator[tuple[Pending[R], R]]:
+        """Yield (call, result) as each finishes, so results stream instead of waiting for a
+        barrier; each wait is bounded by `timeout` (default run.call_timeout_s)."""
+        limit = self.call_timeout_s if timeout is None else timeout
+        left = list(pendings)
+        while left:
+            if self.local:
+                done, _ = cf.wait([p.handle for p in left], timeout=limit,
+                                  return_when=cf.FIRST_COMPLETED)
+                first = [p for p in left if p.handle in done]
+            else:
+                import ray
+
+                ready, _ = ray.wait([p.handle for p in left], num_returns=1, timeout=limit)
+                first = [p for p in left if p.handle in set(ready)]
+            if not first:
+                raise ActorTimeoutError(self.role, sorted({p.rank for p in left}),
+                                        left[0].method, limit)
+            for p in first:
+                left.remove(p)
+                yield p, self._result(p)
+
+    def shutdown(self, grace_s: float = 60.0) -> None:
+        """Close every worker, stop the actors and release the placement group (idempotent)."""
+        if self._actors:
+            try:
+                self.get([self.submit(r, Worker.close) for r in range(self.num_actors)],
+                         timeout=grace_s)
+            except (ActorCallError, ActorTimeoutError, TypeError) as e:
+                log.warning("%s group: close failed, killing anyway: %s", self.role, e)
+        if not self.local and self._actors:
+            import ray
+
+            for a in self._actors:
+                try:
+                    ray.kill(a)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            if self._pg is not None:
+                ray.util.remove_placement_group(self._pg)
+        self._actors, self._pg = [], None

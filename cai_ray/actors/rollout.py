@@ -1,0 +1,136 @@
+"""Rollout role: one vLLM engine per actor, sampling chat continuations as typed results.
+
+The engine runs in the actor's own process (vLLM's in-process executor): on CPU that starts in
+seconds with half the memory of the multiprocess engine, and vLLM's Ray executor is not supported
+on the CPU platform anyway. On GPU the same code runs with CUDA graphs and tensor parallelism from
+the config.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from typing import Any
+
+from cai_ray.actors.group import Worker, WorkerContext
+from cai_ray.config import EngineConfig, ModelSpec
+from cai_ray.messages import Completion, GenerationRequest, GenerationResult
+from cai_ray.models import resolve
+
+log = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def vllm_env(engine: EngineConfig, device: str, threads: int | None = None) -> dict[str, str]:
+    """Environment a vLLM engine needs, set before vLLM is imported in the actor."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if engine.in_process else "1"}
+    if threads:  # else vLLM drops torch to one thread "for serving" when OMP is unset
+        env["OMP_NUM_THREADS"] = str(threads)
+    if device == "cpu":
+        env.update({
+            "VLLM_CPU_KVCACHE_SPACE": f"{engine.kv_cache_gib:g}",  # else it asks for ~92% of RAM
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        })
+    return env
+
+
+def engine_kwargs(model: ModelSpec, engine: EngineConfig, device: str, seed: int
+                  ) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "model": resolve(model),
+        "tokenizer": model.tokenizer,
+        "revision": model.revision,
+        "trust_remote_code": model.trust_remote_code,
+        "dtype": engine.dtype,
+        "max_model_len": engine.max_model_len,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "max_num_seqs": engine.max_num_seqs,
+        "seed": seed,
+        "enforce_eager": engine.enforce_eager if engine.enforce_eager is not None
+        else device == "cpu",
+    }
+    if engine.block_size is not None:
+        kw["block_size"] = engine.block_size
+    if device == "cuda":
+        kw["tensor_parallel_size"] = engine.tensor_parallel_size
+        kw["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+class RolloutWorker(Worker):
+    """Hosts a vLLM `LLM`; `generate` maps typed requests to typed results."""
+
+    def __init__(self, ctx: WorkerContext, model: ModelSpec, engine: EngineConfig,
+                 device: str = "auto", seed: int = 0):
+        super().__init__(ctx)
+        self.device = ("cuda" if cuda_available() else "cpu") if device == "auto" else device
+        for k, v in vllm_env(engine, self.device, ctx.threads).items():
+            os.environ.setdefault(k, v)
+        from vllm import LLM
+
+        t0 = time.monotonic()
+        # A distinct seed per rank: identical engines would otherwise sample identical text.
+        self.llm = LLM(**engine_kwargs(model, engine, self.device, seed + ctx.rank))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.weight_version = 0
+        log.info("%s[%d]: vLLM engine (%s, %s) ready in %.1f s", ctx.role, ctx.rank,
+                 self.device, engine.dtype, time.monotonic() - t0)
+
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            req.messages, tokenize=False,
+            add_generation_prompt=not req.continue_final_message,
+            continue_final_message=req.continue_final_message)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Sample every request in one engine call (vLLM batches them continuously)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        if not requests:
+            return []
+        t0 = time.monotonic()
+        prompts = [TokensPrompt(prompt_token_ids=self._prompt_ids(r)) for r in requests]
+        params = [SamplingParams(
+            n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            repetition_penalty=r.repetition_penalty, max_tokens=r.max_tokens,
+            stop=list(r.stop) or None, seed=r.seed, ignore_eos=r.ignore_eos,
+            logprobs=0 if r.logprobs else None) for r in requests]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.monotonic() - t0
+        results = []
+        for req, out in zip(requests, outs, strict=True):
+            comps = []
+            for c in out.outputs:
+                lps = None
+                if req.logprobs and c.logprobs is not None:
+                    lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs, strict=True)]
+                comps.append(Completion(text=c.text, token_ids=list(c.token_ids), logprobs=lps,
+                                        finish_reason=c.finish_reason))
+            results.append(GenerationResult(request_id=req.request_id,
+                                            prompt_token_ids=list(out.prompt_token_ids or []),
+                                            completions=comps,
+                                            weight_version=self.weight_version,
+                                            worker_rank=self.ctx.rank, elapsed_s=elapsed))
+        return results
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            self.llm = None
+            gc.collect()

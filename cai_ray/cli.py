@@ -1,0 +1,169 @@
+"""`cai-ray` command line.
+
+    cai-ray validate --config configs/cpu-smollm.yaml ppo.steps=10
+    cai-ray keys [SECTION]                       # every config key with type, default and help
+    cai-ray constitution validate constitutions/default.yaml
+    cai-ray constitution import --format anthropic|hf FILE [FILE ...] -o OUT.yaml
+    cai-ray models prepare smollm2
+    cai-ray sample --config configs/cpu-smollm.yaml --output runs/demo [key=value ...]
+
+Exit codes: 0 success, 2 invalid input (every problem listed, no traceback), 1 a failure while
+running (one clear line; `--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cai_ray.configschema import ValidationError
+
+log = logging.getLogger("cai_ray")
+
+EXIT_INVALID = 2
+
+
+def _add_run_args(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--config", "-c", help="named YAML config (e.g. configs/cpu-smollm.yaml); "
+                   "class defaults when omitted")
+    if output:
+        p.add_argument("--output", "-o", required=True, help="run directory")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override any config key, e.g. ppo.steps=10 rollout.engine.dtype=float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI (SL-CAI and "
+                                 "RL from AI Feedback) on Ray, vLLM and DeepSpeed.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a config and print it resolved")
+    _add_run_args(p, output=False)
+
+    p = sub.add_parser("keys", help="list config keys with type, default and help")
+    p.add_argument("section", nargs="?", help="only keys under this section (e.g. ppo)")
+
+    p = sub.add_parser("constitution", help="validate or import principle sets")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cv = csub.add_parser("validate", help="check a constitution YAML file")
+    cv.add_argument("file")
+    ci = csub.add_parser("import", help="convert a published format into this project's YAML")
+    ci.add_argument("--format", "-f", required=True, choices=["anthropic", "hf"],
+                    help="anthropic: the CAI paper repository's JSON (critique/revision mapping "
+                    "and/or comparison list); hf: llm-swarm JSON")
+    ci.add_argument("files", nargs="+", metavar="FILE")
+    ci.add_argument("--output", "-o", required=True, help="YAML file to write")
+
+    p = sub.add_parser("models", help="built-in models")
+    msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    mp = msub.add_parser("prepare", help="build a built-in model into the cache")
+    mp.add_argument("name")
+    mp.add_argument("--force", action="store_true", help="rebuild even if cached")
+    msub.add_parser("list", help="list built-in models and whether they are prepared")
+
+    p = sub.add_parser("sample", help="answer red-team prompts with the policy through the "
+                       "rollout group (vLLM on Ray)")
+    _add_run_args(p)
+    p.add_argument("--num-prompts", type=int, default=8, help="prompts to answer (default 8)")
+    return ap
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from cai_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(cfg.to_yaml(), end="")
+    print(f"# {args.config or 'defaults'}: valid", file=sys.stderr)
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from cai_ray.config import Config
+    from cai_ray.configschema import describe_fields
+
+    rows = [r for r in describe_fields(Config)
+            if not args.section or r[0].startswith(args.section + ".")]
+    if not rows:
+        print(f"no keys under {args.section!r}", file=sys.stderr)
+        return EXIT_INVALID
+    for key, tp, default, help_ in rows:
+        print(f"{key} = {default}\n    {tp}. {help_}")
+    return 0
+
+
+def _cmd_constitution(args: argparse.Namespace) -> int:
+    from cai_ray.constitution import load_constitution, summary
+
+    if args.action == "validate":
+        print(f"{args.file}: valid: {summary(load_constitution(args.file))}")
+        return 0
+    from cai_ray.constitution_import import import_constitution
+
+    c = import_constitution(args.format, args.files)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(c.to_yaml(), encoding="utf-8")
+    print(f"wrote {out}: {summary(c)}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cai_ray import models
+
+    if args.action == "list":
+        for name, (desc, _) in models.BUILTIN_MODELS.items():
+            state = "prepared" if models.is_prepared(name) else "not prepared"
+            print(f"{name:12s} {state:13s} {models.builtin_dir(name)}\n    {desc}")
+        return 0
+    if args.name not in models.BUILTIN_MODELS:
+        print(f"unknown built-in model {args.name!r}; choose from "
+              f"{', '.join(models.BUILTIN_MODELS)}", file=sys.stderr)
+        return EXIT_INVALID
+    print(models.prepare(args.name, force=args.force))
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from cai_ray.config import load_config
+    from cai_ray.runtime import prepare_run_dir, setup_logging
+    from cai_ray.stages.sample import run_sample
+
+    cfg = load_config(args.config, args.overrides)
+    setup_logging(cfg.run.log_level)
+    out = prepare_run_dir(cfg, args.output)
+    stats = run_sample(cfg, out, args.num_prompts)
+    print(f"{int(stats['prompts'])} responses ({stats['tokens_per_s']:.1f} tokens/s) in "
+          f"{out / 'sample' / 'samples.jsonl'}")
+    return 0
+
+
+COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
+            "models": _cmd_models, "sample": _cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        from cai_ray.runtime import setup_logging
+
+        setup_logging("INFO")
+    try:
+        return COMMANDS[args.command](args)
+    except ValidationError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Process-wide set-up shared by the stage commands: logging, Ray, device, run directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cai_ray.config import Config, save_config
+
+log = logging.getLogger("cai_ray")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("urllib3", "filelock", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def device_of(cfg: Config) -> str:
+    if cfg.run.device != "auto":
+        return cfg.run.device
+    from cai_ray.actors.rollout import cuda_available
+
+    return "cuda" if cuda_available() else "cpu"
+
+
+def prepare_run_dir(cfg: Config, output: str | Path) -> Path:
+    """Create the run directory and write the resolved config into it."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    return out
+
+
+@contextmanager
+def ray_session(cfg: Config) -> Iterator[None]:
+    """Start (or join) Ray unless the run is in local mode; shut it down afterwards."""
+    if cfg.run.local_mode:
+        yield
+        return
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # Actors must find this package even when the driver runs from a source checkout.
+        pkg_root = str(Path(__file__).resolve().parent.parent)
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_root,
+                                                           os.environ.get("PYTHONPATH")]))}
+        ray.init(address=cfg.run.ray_address, num_cpus=cfg.run.ray_num_cpus
+                 if cfg.run.ray_address is None else None,
+                 include_dashboard=False, runtime_env={"env_vars": env},
+                 logging_level=logging.WARNING, ignore_reinit_error=True)
+        log.info("Ray: %s", ray.cluster_resources())
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,43 @@
+"""Shared fixtures. Tiers: tests/unit (pure, no Ray), tests/integration (local Ray, tiny model),
+tests/gpu (skipped cleanly without CUDA)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+# Engines started by tests: small KV cache, in-process engine, no hub access.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        path = Path(str(item.fspath))
+        if "integration" in path.parts:
+            item.add_marker(pytest.mark.integration)
+        if "gpu" in path.parts:
+            item.add_marker(pytest.mark.gpu)
+            if not has_cuda:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The random tiny Llama, built once into the model cache."""
+    from cai_ray.models import prepare
+
+    return prepare("tiny-llama")

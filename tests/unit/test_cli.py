@@ -1,0 +1,60 @@
+"""The command line: exit codes and messages a user acts on, never a traceback for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cai_ray.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def test_validate_good_config_prints_resolved() -> None:
+    p = cli("validate", "--config", "configs/cpu-smollm.yaml", "ppo.steps=3")
+    assert p.returncode == 0, p.stderr
+    assert "steps: 3" in p.stdout and "path: smollm2" in p.stdout
+
+
+def test_validate_names_every_problem_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  engin: {}\nppo:\n  steps: many\nrun:\n  constitution: gone.yaml\n")
+    p = cli("validate", "--config", str(bad))
+    assert p.returncode == 2
+    assert "rollout.engin: unknown key; did you mean 'engine'?" in p.stderr
+    assert "ppo.steps: expected an integer, got str 'many'" in p.stderr
+    assert "run.constitution: file not found: gone.yaml" in p.stderr
+    assert "3 problem(s)" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_constitution_validate_and_import(tmp_path: Path) -> None:
+    p = cli("constitution", "validate", "constitutions/default.yaml")
+    assert p.returncode == 0 and "critique/revision pairs" in p.stdout
+    bad = tmp_path / "c.yaml"
+    bad.write_text("critique_revision:\n  - {id: x, critique: ''}\n")
+    p = cli("constitution", "validate", str(bad))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "critique_revision[0].critique: must not be empty" in p.stderr
+    assert "critique_revision[0].revision: missing required field" in p.stderr
+    src = tmp_path / "cmp.json"
+    src.write_text(json.dumps(["Which reply is gentler?", "Which reply is safer?"]))
+    out = tmp_path / "imported.yaml"
+    p = cli("constitution", "import", "--format", "anthropic", str(src), "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert cli("constitution", "validate", str(out)).returncode == 0
+
+
+def test_keys_lists_help() -> None:
+    p = cli("keys", "ppo")
+    assert p.returncode == 0 and "ppo.clip_eps = 0.2" in p.stdout
+    assert "policy ratio clip" in p.stdout
+
+
+def test_unknown_builtin_model() -> None:
+    p = cli("models", "prepare", "gpt-5")
+    assert p.returncode == 2 and "choose from smollm2, tiny-llama" in p.stderr
