@@ -210,10 +210,12 @@ class SourceConfig:
                        non_empty)
     split: str = option("train", "split of a hub or local dataset")
     subset: str | None = option(None, "hub dataset configuration name")
+    data_dir: str | None = option(None, "folder inside a hub dataset (e.g. hh-rlhf's "
+                                  "red-team-attempts)")
     format: Literal["auto", "plain", "hh", "messages"] = option(
         "auto", "plain prompt column, Human:/Assistant: transcript, or chat messages")
     column: str | None = option(None, "column holding the prompt; null = detect")
-    limit: int | None = option(None, "use at most this many rows (after shuffling)", positive)
+    limit: int | None = option(None, "use the first this many valid rows, in file order", positive)
 
 
 @dataclass

@@ -61,3 +61,22 @@ class GenerationResult:
     weight_version: int  # the policy weights that produced these samples
     worker_rank: int = 0
     elapsed_s: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class SFTSample:
+    """A supervised target: learn `response` as the assistant's reply to `messages`."""
+
+    messages: list[ChatMessage]  # the conversation, ending on a user turn
+    response: str  # the assistant reply to learn (loss is taken on these tokens only)
+    source: str = ""  # e.g. "revision@2" or "helpful"
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    step: int  # micro-steps taken by this rank
+    loss: float  # mean loss of the micro-batch
+    tokens: int  # loss tokens in the micro-batch
+    lr: float
+    grad_norm: float | None  # at accumulation boundaries, when DeepSpeed reports it
+    seconds: float

@@ -45,9 +45,7 @@ def sample_requests(cfg: Config, prompts: list[Prompt]) -> list[GenerationReques
 
 def run_sample(cfg: Config, out_dir: Path, num_prompts: int, chunk: int = 4) -> dict[str, float]:
     """Answer `num_prompts` red-team prompts; write `out_dir/sample/samples.jsonl`."""
-    dataset, skipped = load_prompts(cfg.data.red_team, cfg.data.on_bad_row)
-    if skipped:
-        log.warning("skipped %d bad rows in %s", skipped, cfg.data.red_team.name)
+    dataset, _ = load_prompts(cfg.data.red_team, cfg.data.on_bad_row)  # logs skipped rows
     prompts = PromptStream(dataset, seed=cfg.data.shuffle_seed).take(
         min(num_prompts, len(dataset)))
     requests = sample_requests(cfg, prompts)

@@ -1,0 +1,187 @@
+"""Trainer role: a DeepSpeed engine per actor (one actor = one data-parallel rank).
+
+Supervised finetuning here (SL-CAI); PPO adds its losses on the same engine. On CPU DeepSpeed uses
+its CPU accelerator with gloo (its default `ccl` backend is not installed); on GPU, NCCL. Ranks
+find each other through rank 0's address, which the driver asks for before `setup` runs on every
+rank at once.
+
+The loss is taken on the response tokens only, and the vocabulary projection is computed only at
+those positions (`selected_token_logprobs`): a 49k-word head over every position would dominate
+a CPU step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from cai_ray.actors.group import Worker, WorkerContext
+from cai_ray.algorithms.masked import selected_token_logprobs
+from cai_ray.config import ModelSpec, TrainerConfig
+from cai_ray.messages import SFTSample, TrainStats
+from cai_ray.models import load_tokenizer, resolve
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def ds_config(t: TrainerConfig, total_steps: int, world_size: int) -> dict[str, Any]:
+    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    sched: dict[str, Any] | None = None
+    if t.lr_schedule != "constant" or warmup:
+        sched = {"type": "WarmupCosineLR" if t.lr_schedule == "cosine" else "WarmupDecayLR",
+                 "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup}}
+        if t.lr_schedule == "constant":
+            sched = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
+                                                    "warmup_num_steps": max(warmup, 1)}}
+        elif t.lr_schedule == "linear":
+            sched["params"].update({"warmup_max_lr": t.lr, "warmup_min_lr": 0.0})
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if sched:
+        cfg["scheduler"] = sched
+    return cfg
+
+
+class TrainerWorker(Worker):
+    """Hosts the policy in a DeepSpeed engine. Call `address` on rank 0, then `setup` on all."""
+
+    def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
+                 device: str = "cpu", seed: int = 0):
+        super().__init__(ctx)
+        self.spec, self.cfg, self.device, self.seed = model, trainer, device, seed
+        self.engine: Any = None
+        self.tokenizer = load_tokenizer(model)
+        self.step = 0
+
+    def address(self) -> tuple[str, int]:
+        """(host, free port) for the process group's rendezvous; asked of rank 0."""
+        return socket.gethostbyname(socket.gethostname()), free_port()
+
+    def setup(self, master_addr: str, master_port: int, total_steps: int) -> int:
+        """Join the process group and build the DeepSpeed engine; returns the parameter count."""
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.ctx.rank), WORLD_SIZE=str(self.ctx.world_size),
+                          LOCAL_RANK="0" if self.device == "cpu" else os.environ.get(
+                              "LOCAL_RANK", "0"))
+        backend = self.cfg.comm_backend
+        if backend == "auto":
+            backend = "nccl" if self.device == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+        torch.manual_seed(self.seed + self.ctx.rank)
+        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve(self.spec), revision=self.spec.revision, dtype=dtype,
+            trust_remote_code=self.spec.trust_remote_code)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr,
+                                weight_decay=self.cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=opt,
+            config=ds_config(self.cfg, total_steps, self.ctx.world_size))
+        return sum(p.numel() for p in model.parameters())
+
+    # --- SFT ------------------------------------------------------------------------------------
+
+    def encode(self, sample: SFTSample) -> tuple[list[int], list[int]]:
+        """Token ids and loss mask: the prompt as the chat template renders it for generation,
+        then the response and EOS, exactly the sequence the rollout engine would produce."""
+        tok = self.tokenizer
+        prompt = tok.apply_chat_template(sample.messages, tokenize=False,
+                                         add_generation_prompt=True)
+        p_ids = tok.encode(prompt, add_special_tokens=False)
+        r_ids = tok.encode(sample.response, add_special_tokens=False) + [tok.eos_token_id]
+        ids = (p_ids + r_ids)[: self.cfg.max_length]
+        mask = ([0] * len(p_ids) + [1] * len(r_ids))[: self.cfg.max_length]
+        return ids, mask
+
+    def _batch(self, samples: list[SFTSample]) -> tuple[Any, Any, Any]:
+        import torch
+
+        enc = [self.encode(s) for s in samples]
+        width = max(len(ids) for ids, _ in enc)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(enc), width), dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.bool)
+        for i, (x, m) in enumerate(enc):  # right padding: positions stay 0..len-1
+            ids[i, : len(x)] = torch.tensor(x)
+            attn[i, : len(x)] = 1
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        return ids, attn, mask
+
+    def sequence_logprobs(self, ids: Any, attn: Any, mask: Any) -> Any:
+        """log p of every masked token given its prefix: [N] in row-major order."""
+        model = self.engine.module
+        out = model.model(input_ids=ids, attention_mask=attn)
+        hidden = out.last_hidden_state[:, :-1]  # position t predicts token t+1
+        sel = mask[:, 1:]
+        return selected_token_logprobs(hidden[sel], model.lm_head.weight, ids[:, 1:][sel])
+
+    def train_sft(self, samples: list[SFTSample]) -> TrainStats:
+        """One micro-batch: forward, backward, and an optimizer step at accumulation
+        boundaries (DeepSpeed counts them)."""
+        t0 = time.monotonic()
+        self.engine.train()
+        ids, attn, mask = self._batch(samples)
+        logp = self.sequence_logprobs(ids, attn, mask)
+        loss = -logp.mean()
+        self.engine.backward(loss)
+        self.engine.step()
+        self.step += 1
+        lr = self.engine.get_lr()[0] if self.engine.lr_scheduler else self.cfg.lr
+        norm = self.engine.get_global_grad_norm()
+        return TrainStats(step=self.step, loss=float(loss.item()), tokens=int(mask.sum()),
+                          lr=float(lr), grad_norm=float(norm) if norm is not None and
+                          math.isfinite(float(norm)) else None,
+                          seconds=time.monotonic() - t0)
+
+    def eval_sft(self, samples: list[SFTSample]) -> float:
+        """Mean response-token NLL without updating anything."""
+        import torch
+
+        self.engine.eval()
+        with torch.no_grad():
+            ids, attn, mask = self._batch(samples)
+            return float(-self.sequence_logprobs(ids, attn, mask).mean().item())
+
+    def save(self, path: str) -> str:
+        """save_pretrained format (weights gathered under ZeRO-3), written by rank 0 only."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
+                                               enabled=self.cfg.zero_stage == 3):
+            if self.ctx.rank == 0:
+                out = Path(path)
+                out.mkdir(parents=True, exist_ok=True)
+                module.save_pretrained(out, safe_serialization=True)
+                self.tokenizer.save_pretrained(out)
+        return path
+
+    def close(self) -> None:
+        self.engine = None
