@@ -51,8 +51,8 @@ class EngineConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "bfloat16", "vLLM weight/activation dtype (float32 for exact trainer agreement)")
     max_model_len: int = option(2048, "longest prompt+completion in tokens", positive)
-    kv_cache_gib: float = option(2.0, "CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)",
-                                 positive)
+    kv_cache_gib: int = option(2, "CPU only: KV-cache size in whole GiB "
+                               "(VLLM_CPU_KVCACHE_SPACE)", positive)
     gpu_memory_utilization: float = option(0.85, "GPU only: share of GPU memory vLLM may take",
                                            in_range(0.0, 1.0, lo_open=True))
     enforce_eager: bool | None = option(None, "disable CUDA graphs; null = eager on CPU only")

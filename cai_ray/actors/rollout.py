@@ -38,7 +38,7 @@ def vllm_env(engine: EngineConfig, device: str, threads: int | None = None) -> d
         env["OMP_NUM_THREADS"] = str(threads)
     if device == "cpu":
         env.update({
-            "VLLM_CPU_KVCACHE_SPACE": f"{engine.kv_cache_gib:g}",  # else it asks for ~92% of RAM
+            "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),  # else it asks for ~92% of RAM
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         })
