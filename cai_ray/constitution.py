@@ -162,3 +162,43 @@ def summary(c: Constitution) -> str:
             f"{len(c.principles('harmless'))} harmless + {len(c.principles('helpful'))} helpful "
             f"comparison principles, few-shot {len(fs.critique_revision)} critique / "
             f"{len(fs.comparison)} comparison / {len(fs.cot_comparison)} CoT")
+
+
+# --- rendering: SL-CAI conversations --------------------------------------------------------------
+
+def _example_turns(ex: CritiqueExample, direct: bool) -> list[dict[str, str]]:
+    turns = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.response}]
+    if not direct:
+        turns += [{"role": "user", "content": ex.critique_request},
+                  {"role": "assistant", "content": ex.critique}]
+    return turns + [{"role": "user", "content": ex.revision_request},
+                    {"role": "assistant", "content": ex.revision}]
+
+
+def critique_conversation(c: Constitution, prompt: list[dict[str, str]], response: str,
+                          pair: CritiqueRevision, few_shot: int) -> list[dict[str, str]]:
+    """Few-shot examples, then the conversation and its latest answer, then the critique request.
+
+    The examples come first as earlier turns of the same chat: small models otherwise confuse
+    their point of view and write a revision when a critique is due."""
+    turns: list[dict[str, str]] = []
+    for ex in c.few_shot.critique_revision[:few_shot]:
+        turns += _example_turns(ex, direct=False)
+    return turns + list(prompt) + [{"role": "assistant", "content": response},
+                                   {"role": "user", "content": pair.critique}]
+
+
+def revision_conversation(c: Constitution, prompt: list[dict[str, str]], response: str,
+                          pair: CritiqueRevision, critique: str | None, few_shot: int
+                          ) -> list[dict[str, str]]:
+    """The revision request after the critique, or directly after the answer when `critique`
+    is None (the direct-revision ablation)."""
+    direct = critique is None
+    turns: list[dict[str, str]] = []
+    for ex in c.few_shot.critique_revision[:few_shot]:
+        turns += _example_turns(ex, direct=direct)
+    turns += list(prompt) + [{"role": "assistant", "content": response}]
+    if not direct:
+        turns += [{"role": "user", "content": pair.critique},
+                  {"role": "assistant", "content": critique or ""}]
+    return turns + [{"role": "user", "content": pair.revision}]

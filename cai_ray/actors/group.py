@@ -295,28 +295,37 @@ class ActorGroup(Generic[W]):
                                     limit)
         return [self._result(p) for p in pendings]
 
+    def wait_some(self, pendings: list[Pending[R]], timeout: float | None = None
+                  ) -> tuple[list[tuple[Pending[R], R]], list[Pending[R]]]:
+        """Block until at least one call finishes (at most `timeout`, default
+        run.call_timeout_s); return (finished calls with results, calls still running).
+        A driver that submits follow-up work as results arrive loops on this."""
+        limit = self.call_timeout_s if timeout is None else timeout
+        if not pendings:
+            return [], []
+        if self.local:
+            done, _ = cf.wait([p.handle for p in pendings], timeout=limit,
+                              return_when=cf.FIRST_COMPLETED)
+        else:
+            import ray
+
+            ready, _ = ray.wait([p.handle for p in pendings], num_returns=1, timeout=limit)
+            done = set(ready)
+        first = [p for p in pendings if p.handle in done]
+        if not first:
+            raise ActorTimeoutError(self.role, sorted({p.rank for p in pendings}),
+                                    pendings[0].method, limit)
+        left = [p for p in pendings if p.handle not in done]
+        return [(p, self._result(p)) for p in first], left
+
     def as_completed(self, pendings: list[Pending[R]], timeout: float | None = None
                      ) -> Iterator[tuple[Pending[R], R]]:
         """Yield (call, result) as each finishes, so results stream instead of waiting for a
         barrier; each wait is bounded by `timeout` (default run.call_timeout_s)."""
-        limit = self.call_timeout_s if timeout is None else timeout
         left = list(pendings)
         while left:
-            if self.local:
-                done, _ = cf.wait([p.handle for p in left], timeout=limit,
-                                  return_when=cf.FIRST_COMPLETED)
-                first = [p for p in left if p.handle in done]
-            else:
-                import ray
-
-                ready, _ = ray.wait([p.handle for p in left], num_returns=1, timeout=limit)
-                first = [p for p in left if p.handle in set(ready)]
-            if not first:
-                raise ActorTimeoutError(self.role, sorted({p.rank for p in left}),
-                                        left[0].method, limit)
-            for p in first:
-                left.remove(p)
-                yield p, self._result(p)
+            done, left = self.wait_some(left, timeout)
+            yield from done
 
     def shutdown(self, grace_s: float = 60.0) -> None:
         """Close every worker, stop the actors and release the placement group (idempotent)."""

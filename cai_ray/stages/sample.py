@@ -43,12 +43,17 @@ def sample_requests(cfg: Config, prompts: list[Prompt]) -> list[GenerationReques
                               max_tokens=s.max_new_tokens, seed=s.seed) for p in prompts]
 
 
-def run_sample(cfg: Config, out_dir: Path, num_prompts: int, chunk: int = 4) -> dict[str, float]:
-    """Answer `num_prompts` red-team prompts; write `out_dir/sample/samples.jsonl`."""
+def run_sample(cfg: Config, out_dir: Path, num_prompts: int, chunk: int | None = None
+               ) -> dict[str, float]:
+    """Answer `num_prompts` red-team prompts; write `out_dir/sample/samples.jsonl`.
+
+    One actor serves its calls one after another, and vLLM is fastest on large batches, so by
+    default each actor gets one call holding its whole share."""
     dataset, _ = load_prompts(cfg.data.red_team, cfg.data.on_bad_row)  # logs skipped rows
     prompts = PromptStream(dataset, seed=cfg.data.shuffle_seed).take(
         min(num_prompts, len(dataset)))
     requests = sample_requests(cfg, prompts)
+    chunk = chunk or max(1, -(-len(requests) // cfg.placement.rollout.num_actors))
     by_id = {p.id: p for p in prompts}
     path = out_dir / "sample" / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
