@@ -6,6 +6,7 @@
     cai-ray constitution import --format anthropic|hf FILE [FILE ...] -o OUT.yaml
     cai-ray models prepare smollm2
     cai-ray sample --config configs/cpu-smollm.yaml --output runs/demo [key=value ...]
+    cai-ray sl --config configs/cpu-smollm.yaml --output runs/demo [--prompts F.jsonl]
 
 Exit codes: 0 success, 2 invalid input (every problem listed, no traceback), 1 a failure while
 running (one clear line; `--debug` shows the traceback).
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("name")
     mp.add_argument("--force", action="store_true", help="rebuild even if cached")
     msub.add_parser("list", help="list built-in models and whether they are prepared")
+
+    p = sub.add_parser("sl", help="SL-CAI: critique→revision generation, then finetuning")
+    _add_run_args(p)
+    p.add_argument("--prompts", help="JSONL file with a 'prompt' field per line; replaces the "
+                   "configured red-team source")
+    p.add_argument("--step", choices=["generate", "train"], help="run one step only "
+                   "(default: both; finished steps are skipped, interrupted ones resume)")
 
     p = sub.add_parser("sample", help="answer red-team prompts with the policy through the "
                        "rollout group (vLLM on Ray)")
@@ -140,8 +148,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sl(args: argparse.Namespace) -> int:
+    from cai_ray.config import load_config
+    from cai_ray.runtime import prepare_run_dir, setup_logging
+    from cai_ray.stages.sl import check_prompt_file, run_generate
+    from cai_ray.stages.sl_train import run_train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.prompts:
+        check_prompt_file(args.prompts)
+    setup_logging(cfg.run.log_level)
+    out = prepare_run_dir(cfg, args.output)
+    if args.step in (None, "generate"):
+        print(f"SL-CAI data: {run_generate(cfg, out, args.prompts)}")
+    if args.step in (None, "train"):
+        print(f"SL-CAI model: {run_train(cfg, out)}")
+    return 0
+
+
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
-            "models": _cmd_models, "sample": _cmd_sample}
+            "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -362,6 +362,9 @@ def load_prompts(src: SourceConfig, on_bad_row: Literal["error", "skip"] = "erro
     `src.limit` keeps the first `limit` good rows in file order; shuffling is PromptStream's job.
     """
     table = _read(src)
+    if not table.rows and not table.problems:
+        raise DataError([Problem("rows", "no usable prompts: the source has no rows",
+                                 table.origin)])
     fmt, column = _pick_format(src, table)
     parse = _PARSERS[fmt]
     good_ids: list[str] = []

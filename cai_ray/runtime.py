@@ -20,6 +20,9 @@ def setup_logging(level: str = "INFO") -> None:
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("urllib3", "filelock", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+
+    datasets.disable_progress_bars()  # our own bars say what is being done
 
 
 def device_of(cfg: Config) -> str:

@@ -101,12 +101,21 @@ class RolloutWorker(Worker):
         if not requests:
             return []
         t0 = time.monotonic()
-        prompts = [TokensPrompt(prompt_token_ids=self._prompt_ids(r)) for r in requests]
+        ids = [self._prompt_ids(r) for r in requests]
+        limit = self.llm.llm_engine.model_config.max_model_len
+        for r, x in zip(requests, ids, strict=True):
+            if len(x) >= limit:
+                raise ValueError(f"request {r.request_id}: the prompt has {len(x)} tokens, at "
+                                 f"or over max_model_len={limit}; raise the engine's "
+                                 "max_model_len or shorten the prompt/few-shot examples")
+        prompts = [TokensPrompt(prompt_token_ids=x) for x in ids]
+        # Long prompts get fewer new tokens rather than failing the whole batch.
         params = [SamplingParams(
             n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            repetition_penalty=r.repetition_penalty, max_tokens=r.max_tokens,
+            repetition_penalty=r.repetition_penalty,
+            max_tokens=min(r.max_tokens, limit - len(x)),
             stop=list(r.stop) or None, seed=r.seed, ignore_eos=r.ignore_eos,
-            logprobs=0 if r.logprobs else None) for r in requests]
+            logprobs=0 if r.logprobs else None) for r, x in zip(requests, ids, strict=True)]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.monotonic() - t0
         results = []
@@ -124,6 +133,30 @@ class RolloutWorker(Worker):
                                             weight_version=self.weight_version,
                                             worker_rank=self.ctx.rank, elapsed_s=elapsed))
         return results
+
+    def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens < t) for t >= 1 of each sequence, as the engine computes them
+        (prefill only). Used to check that pushed weights are the trainer's."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in token_ids], params,
+                                 use_tqdm=False)
+        return [[step[tok].logprob for tok, step in zip(x[1:], out.prompt_logprobs[1:],
+                                                        strict=True)]
+                for x, out in zip(token_ids, outs, strict=True)]
+
+    def update_weights(self, version: int, weights: list[tuple[str, Any]] | None = None,
+                       path: str | None = None) -> int:
+        """Load new policy weights (named tensors, or a save_pretrained directory) into the
+        running engine, then drop cached prefixes computed with the old ones."""
+        if (weights is None) == (path is None):
+            raise ValueError("pass exactly one of `weights` or `path`")
+        kwargs = {"weights_iterator": weights} if weights is not None else {"weights_path": path}
+        self.llm.collective_rpc("reload_weights", kwargs=kwargs)
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        return version
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -114,9 +114,13 @@ class TrainerWorker(Worker):
                                          add_generation_prompt=True)
         p_ids = tok.encode(prompt, add_special_tokens=False)
         r_ids = tok.encode(sample.response, add_special_tokens=False) + [tok.eos_token_id]
-        ids = (p_ids + r_ids)[: self.cfg.max_length]
-        mask = ([0] * len(p_ids) + [1] * len(r_ids))[: self.cfg.max_length]
-        return ids, mask
+        limit = self.cfg.max_length
+        if len(p_ids) + len(r_ids) > limit:
+            # Keep at least half the window for the response and drop the prompt's oldest
+            # tokens (few-shot turns first): the end of the prompt is what the reply answers.
+            r_ids = r_ids[: limit - min(len(p_ids), limit // 2)]
+            p_ids = p_ids[len(p_ids) - (limit - len(r_ids)):]
+        return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)
 
     def _batch(self, samples: list[SFTSample]) -> tuple[Any, Any, Any]:
         import torch

@@ -1,0 +1,241 @@
+"""SL-CAI, generation: initial answers, then K rounds of critique → revision per red-team prompt,
+plus helpfulness samples; written in resumable shards.
+
+    cai-ray sl --config configs/cpu-smollm.yaml --output runs/x [--prompts FILE.jsonl]
+
+Prompts are cut into shards in a fixed order (the seeded shuffle of `data.shuffle_seed`). A shard
+is split into one chunk per rollout actor; every chunk walks through its phases (answer, critique
+1, revision 1, ...) independently, its next phase submitted to the least-loaded actor as soon as
+its last one returns, so a whole chunk's requests batch into the engine at once and no actor waits
+for another. A shard is written (aside, then renamed) only when all its prompts are done, so a run
+killed at any point and started again skips the finished shards and repeats or loses no prompt.
+Each request has a seed derived from (run seed, prompt id, phase): a redone shard samples the same
+text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cai_ray.actors.group import ActorGroup, Pending
+from cai_ray.actors.rollout import RolloutWorker
+from cai_ray.config import Config, SourceConfig
+from cai_ray.configschema import Problem, ValidationError
+from cai_ray.constitution import (
+    Constitution,
+    critique_conversation,
+    load_constitution,
+    revision_conversation,
+)
+from cai_ray.data import PromptStream, load_prompts
+from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
+from cai_ray.preflight import resolve_path
+from cai_ray.stages.sample import rollout_group
+from cai_ray.stages.sl_store import ShardStore, build_views
+
+log = logging.getLogger(__name__)
+
+
+def request_seed(seed: int, key: str, phase: str) -> int:
+    digest = hashlib.sha256(f"{seed}|{key}|{phase}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class Chain:
+    """One prompt's critique→revision chain while it is being generated (driver side only)."""
+
+    prompt: Prompt
+    responses: list[str] = field(default_factory=list)  # initial answer, then each revision
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Chunk:
+    chains: list[Chain]
+    phase: int = 0  # 0 = initial answer; then (critique, revision) per round, or revision only
+
+
+class CritiqueRevision:
+    """Builds the requests of each phase for a chunk and folds the results back in."""
+
+    def __init__(self, cfg: Config, constitution: Constitution):
+        self.cfg, self.c = cfg, constitution
+        s = cfg.rollout.sampling
+        self.sampling = {"temperature": cfg.sl.temperature if cfg.sl.temperature is not None
+                         else s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                         "repetition_penalty": s.repetition_penalty,
+                         "max_tokens": cfg.sl.max_new_tokens}
+        self.steps_per_round = 1 if cfg.sl.direct_revision else 2
+        self.num_phases = 1 + cfg.sl.rounds * self.steps_per_round
+
+    def _phase(self, phase: int) -> tuple[int, str]:
+        """(round, kind) of a phase; kind is 'answer', 'critique' or 'revision'."""
+        if phase == 0:
+            return 0, "answer"
+        r, step = divmod(phase - 1, self.steps_per_round)
+        kind = "revision" if self.cfg.sl.direct_revision or step == 1 else "critique"
+        return r, kind
+
+    def requests(self, chunk: Chunk) -> list[GenerationRequest]:
+        rnd, kind = self._phase(chunk.phase)
+        seed, shots = self.cfg.run.seed, self.cfg.sl.few_shot
+        out = []
+        for ch in chunk.chains:
+            p = ch.prompt
+            if kind == "answer":
+                msgs = p.messages
+            else:
+                pair = self.c.sample_critique(seed, p.id, rnd)
+                if kind == "critique":
+                    msgs = critique_conversation(self.c, p.messages, ch.responses[-1], pair, shots)
+                else:
+                    critique = None if self.cfg.sl.direct_revision else ch.rounds[-1]["critique"]
+                    msgs = revision_conversation(self.c, p.messages, ch.responses[-1], pair,
+                                                 critique, shots)
+            out.append(GenerationRequest(request_id=f"{p.id}|{chunk.phase}", messages=msgs,
+                                         seed=request_seed(seed, p.id, f"{kind}{rnd}"),
+                                         **self.sampling))
+        return out
+
+    def absorb(self, chunk: Chunk, results: list[GenerationResult]) -> None:
+        rnd, kind = self._phase(chunk.phase)
+        for ch, res in zip(chunk.chains, results, strict=True):
+            text = res.completions[0].text.strip()
+            if kind == "answer":
+                ch.responses.append(text)
+            elif kind == "critique":
+                pid = self.c.sample_critique(self.cfg.run.seed, ch.prompt.id, rnd).id
+                ch.rounds.append({"principle_id": pid, "critique": text, "revision": None})
+            else:
+                if self.cfg.sl.direct_revision:
+                    pid = self.c.sample_critique(self.cfg.run.seed, ch.prompt.id, rnd).id
+                    ch.rounds.append({"principle_id": pid, "critique": None, "revision": text})
+                else:
+                    ch.rounds[-1]["revision"] = text
+                ch.responses.append(text)
+        chunk.phase += 1
+
+
+def _chunks(prompts: list[Prompt], n: int) -> list[Chunk]:
+    bounds = [len(prompts) * i // n for i in range(n + 1)]
+    return [Chunk([Chain(p) for p in prompts[bounds[i]:bounds[i + 1]]])
+            for i in range(n) if bounds[i + 1] > bounds[i]]
+
+
+def generate_chains(group: ActorGroup[RolloutWorker], cr: CritiqueRevision,
+                    prompts: list[Prompt], bar: tqdm) -> list[Chain]:
+    """Run every phase of every chunk, streaming: a chunk moves on as soon as it returns."""
+    chunks = _chunks(prompts, group.num_actors)
+    owner: dict[int, Chunk] = {}
+    pending: list[Pending[list[GenerationResult]]] = []
+    for ch in chunks:
+        p = group.submit_least_loaded(RolloutWorker.generate, cr.requests(ch))
+        owner[id(p)] = ch
+        pending.append(p)
+    while pending:
+        done, pending = group.wait_some(pending)
+        for p, results in done:
+            chunk = owner.pop(id(p))
+            cr.absorb(chunk, results)
+            bar.update(len(results))
+            if chunk.phase < cr.num_phases:
+                nxt = group.submit_least_loaded(RolloutWorker.generate, cr.requests(chunk))
+                owner[id(nxt)] = chunk
+                pending.append(nxt)
+    return [chain for ch in chunks for chain in ch.chains]
+
+
+def helpful_rows(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Prompt],
+                 bar: tqdm) -> list[dict[str, Any]]:
+    s, n = cfg.rollout.sampling, cfg.sl.helpful_samples
+    temp = cfg.sl.temperature if cfg.sl.temperature is not None else s.temperature
+    reqs = [GenerationRequest(request_id=p.id, messages=p.messages, n=n, temperature=temp,
+                              top_p=s.top_p, top_k=s.top_k,
+                              repetition_penalty=s.repetition_penalty,
+                              max_tokens=cfg.sl.max_new_tokens,
+                              seed=request_seed(cfg.run.seed, p.id, "helpful")) for p in prompts]
+    by_id = {p.id: p for p in prompts}
+    results = group.shard_and_gather(RolloutWorker.generate, reqs)
+    bar.update(len(reqs) * n)
+    rows = []
+    for res in results:
+        p = by_id[res.request_id]
+        for j, c in enumerate(res.completions):
+            text = c.text.strip()
+            rows.append({"id": f"{p.id}#{j}", "prompt_id": p.id, "prompt": p.text,
+                         "messages": p.messages, "initial_response": text, "rounds": [],
+                         "final_response": text, "source": f"helpful:{p.source}"})
+    return rows
+
+
+def chain_rows(chains: list[Chain]) -> list[dict[str, Any]]:
+    return [{"id": ch.prompt.id, "prompt_id": ch.prompt.id, "prompt": ch.prompt.text,
+             "messages": ch.prompt.messages, "initial_response": ch.responses[0],
+             "rounds": ch.rounds, "final_response": ch.responses[-1],
+             "source": ch.prompt.source} for ch in chains]
+
+
+def plan_shards(cfg: Config, prompt_file: str | None) -> list[tuple[str, list[Prompt]]]:
+    """(shard name, prompts) in a fixed order; the same config and data give the same plan."""
+    red_src = (SourceConfig(name=prompt_file, format="plain", column="prompt")
+               if prompt_file else cfg.data.red_team)
+    size = cfg.sl.shard_size
+    plan: list[tuple[str, list[Prompt]]] = []
+    sources = [("red", red_src)] + ([("helpful", cfg.data.helpful)]
+                                    if cfg.sl.helpful_samples > 0 else [])
+    for kind, src in sources:
+        ds, _ = load_prompts(src, cfg.data.on_bad_row)
+        prompts = PromptStream(ds, seed=cfg.data.shuffle_seed).take(len(ds))
+        plan += [(f"{kind}-{i // size:05d}", prompts[i:i + size])
+                 for i in range(0, len(prompts), size)]
+    return plan
+
+
+def run_generate(cfg: Config, out_dir: Path, prompt_file: str | None = None) -> Path:
+    """Generate (or finish generating) `out_dir/sl/data` and the training view."""
+    sl_dir = out_dir / "sl"
+    if (sl_dir / "data").exists() and (sl_dir / "train").exists():
+        log.info("SL data already complete in %s; skipping generation", sl_dir / "data")
+        return sl_dir / "data"
+    constitution = load_constitution(resolve_path(cfg.run.constitution))
+    plan = plan_shards(cfg, prompt_file)  # data errors surface here, before any actor starts
+    store = ShardStore(sl_dir / "shards")
+    done = store.verify(plan, {p.id for p in constitution.critique_revision})
+    todo = [(name, prompts) for name, prompts in plan if name not in done]
+    log.info("SL generation: %d shards planned, %d already complete, %d to do", len(plan),
+             len(done), len(todo))
+    if todo:
+        cr = CritiqueRevision(cfg, constitution)
+        per_prompt = {"red": cr.num_phases, "helpful": cfg.sl.helpful_samples}
+        total = sum(len(ps) * per_prompt[name.split("-")[0]] for name, ps in todo)
+        t0 = time.monotonic()
+        from cai_ray.runtime import ray_session
+
+        with ray_session(cfg):
+            group = rollout_group(cfg)
+            try:
+                with tqdm(total=total, desc="SL-CAI generation", unit="gen") as bar:
+                    for name, prompts in todo:
+                        rows = (chain_rows(generate_chains(group, cr, prompts, bar))
+                                if name.startswith("red") else
+                                helpful_rows(group, cfg, prompts, bar))
+                        store.write(name, rows)
+            finally:
+                group.shutdown()
+        log.info("SL generation: %d generations in %.1f s", total, time.monotonic() - t0)
+    return build_views(store, plan, sl_dir, cfg.sl.train_rounds)
+
+
+def check_prompt_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise ValidationError("invalid --prompts", [Problem("--prompts", "file not found "
+                                                            "(expected JSONL with a 'prompt' "
+                                                            "field per line)", path)])

@@ -1,0 +1,120 @@
+"""SL-CAI output on disk: completed shards, then the dataset and its training view.
+
+    DIR/sl/shards/red-00000/      one HF dataset per finished shard (written aside, then renamed)
+    DIR/sl/data/                  all shards in plan order: prompt, initial_response, rounds, ...
+    DIR/sl/train/                 SFT view: messages, response, source (revisions + helpful)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from cai_ray.configschema import Problem, ValidationError
+from cai_ray.messages import Prompt
+
+log = logging.getLogger(__name__)
+
+_MSG = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "prompt_id": datasets.Value("string"),
+    "prompt": datasets.Value("string"),
+    "messages": _MSG,
+    "initial_response": datasets.Value("string"),
+    "rounds": [{"principle_id": datasets.Value("string"), "critique": datasets.Value("string"),
+                "revision": datasets.Value("string")}],
+    "final_response": datasets.Value("string"),
+    "source": datasets.Value("string"),
+})
+TRAIN_FEATURES = datasets.Features({
+    "id": datasets.Value("string"), "messages": _MSG, "response": datasets.Value("string"),
+    "source": datasets.Value("string"),
+})
+
+
+def save_atomic(ds: datasets.Dataset, final: Path) -> None:
+    """save_to_disk beside the target, then rename: readers never see half a dataset."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    ds.save_to_disk(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+class ShardStore:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def write(self, name: str, rows: list[dict[str, Any]]) -> None:
+        save_atomic(datasets.Dataset.from_list(rows, features=FEATURES), self.path(name))
+
+    def read(self, name: str) -> datasets.Dataset:
+        return datasets.load_from_disk(str(self.path(name)))
+
+    def verify(self, plan: list[tuple[str, list[Prompt]]], principle_ids: set[str]) -> set[str]:
+        """Names of finished shards, after checking each holds exactly the prompts the plan puts
+        there and only principles the constitution knows; any mismatch stops the run before an
+        actor starts, since continuing would repeat or lose prompts."""
+        problems: list[Problem] = []
+        done = set()
+        for name, prompts in plan:
+            if not self.path(name).exists():
+                continue
+            ds = self.read(name)
+            src = str(self.path(name))
+            if set(ds["prompt_id"]) != {p.id for p in prompts}:
+                problems.append(Problem(name, "holds other prompts than this config plans for "
+                                        "the shard (data, limit, shard_size or shuffle_seed "
+                                        "changed?); use a new --output directory", src))
+                continue
+            for i, rounds in enumerate(ds["rounds"]):
+                for r in rounds:
+                    if r["principle_id"] not in principle_ids:
+                        problems.append(Problem(f"row {i}", f"principle id "
+                                                f"{r['principle_id']!r} is not in the "
+                                                "constitution", src))
+            done.add(name)
+        if problems:
+            raise ValidationError("cannot resume SL generation", problems)
+        return done
+
+
+def train_view(data: datasets.Dataset, train_rounds: int | None) -> datasets.Dataset:
+    """Revisions from every round up to `train_rounds` (SL-CAI-n) plus helpfulness samples."""
+    rows = []
+    for row in data:
+        if not row["rounds"]:  # a helpfulness sample
+            rows.append({"id": row["id"], "messages": row["messages"],
+                         "response": row["final_response"], "source": "helpful"})
+            continue
+        for r, rnd in enumerate(row["rounds"][:train_rounds], start=1):
+            rows.append({"id": f"{row['id']}@{r}", "messages": row["messages"],
+                         "response": rnd["revision"], "source": f"revision@{r}"})
+    return datasets.Dataset.from_list(rows, features=TRAIN_FEATURES)
+
+
+def build_views(store: ShardStore, plan: list[tuple[str, list[Prompt]]], sl_dir: Path,
+                train_rounds: int | None) -> Path:
+    parts = [store.read(name) for name, _ in plan]
+    data = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_list(
+        [], features=FEATURES)
+    ids = data["id"]
+    if len(ids) != len(set(ids)):
+        raise RuntimeError("duplicate rows across SL shards")  # the plan makes this impossible
+    save_atomic(data, sl_dir / "data")
+    train = train_view(data, train_rounds)
+    save_atomic(train, sl_dir / "train")
+    log.info("SL data: %d rows -> %s; training view: %d samples -> %s", len(data),
+             sl_dir / "data", len(train), sl_dir / "train")
+    return sl_dir / "data"
