@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from cai_ray.configschema import ValidationError
@@ -150,6 +151,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_sl(args: argparse.Namespace) -> int:
     from cai_ray.config import load_config
+    from cai_ray.resources import PeakRSS
     from cai_ray.runtime import prepare_run_dir, setup_logging
     from cai_ray.stages.sl import check_prompt_file, run_generate
     from cai_ray.stages.sl_train import run_train
@@ -159,10 +161,14 @@ def _cmd_sl(args: argparse.Namespace) -> int:
         check_prompt_file(args.prompts)
     setup_logging(cfg.run.log_level)
     out = prepare_run_dir(cfg, args.output)
-    if args.step in (None, "generate"):
-        print(f"SL-CAI data: {run_generate(cfg, out, args.prompts)}")
-    if args.step in (None, "train"):
-        print(f"SL-CAI model: {run_train(cfg, out)}")
+    t0 = time.monotonic()
+    with PeakRSS() as mem:
+        if args.step in (None, "generate"):
+            print(f"SL-CAI data: {run_generate(cfg, out, args.prompts)}")
+        if args.step in (None, "train"):
+            print(f"SL-CAI model: {run_train(cfg, out)}")
+    print(f"SL-CAI done in {time.monotonic() - t0:.0f} s, peak RSS {mem.peak_gib:.2f} GiB "
+          "(driver + Ray workers)")
     return 0
 
 

@@ -16,6 +16,7 @@ text.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class CritiqueRevision:
                          "max_tokens": cfg.sl.max_new_tokens}
         self.steps_per_round = 1 if cfg.sl.direct_revision else 2
         self.num_phases = 1 + cfg.sl.rounds * self.steps_per_round
+        self.tokens = 0  # generated tokens, for throughput
 
     def _phase(self, phase: int) -> tuple[int, str]:
         """(round, kind) of a phase; kind is 'answer', 'critique' or 'revision'."""
@@ -108,6 +110,7 @@ class CritiqueRevision:
     def absorb(self, chunk: Chunk, results: list[GenerationResult]) -> None:
         rnd, kind = self._phase(chunk.phase)
         for ch, res in zip(chunk.chains, results, strict=True):
+            self.tokens += len(res.completions[0].token_ids)
             text = res.completions[0].text.strip()
             if kind == "answer":
                 ch.responses.append(text)
@@ -154,7 +157,7 @@ def generate_chains(group: ActorGroup[RolloutWorker], cr: CritiqueRevision,
 
 
 def helpful_rows(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Prompt],
-                 bar: tqdm) -> list[dict[str, Any]]:
+                 bar: tqdm, cr: CritiqueRevision) -> list[dict[str, Any]]:
     s, n = cfg.rollout.sampling, cfg.sl.helpful_samples
     temp = cfg.sl.temperature if cfg.sl.temperature is not None else s.temperature
     reqs = [GenerationRequest(request_id=p.id, messages=p.messages, n=n, temperature=temp,
@@ -169,6 +172,7 @@ def helpful_rows(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Pr
     for res in results:
         p = by_id[res.request_id]
         for j, c in enumerate(res.completions):
+            cr.tokens += len(c.token_ids)
             text = c.text.strip()
             rows.append({"id": f"{p.id}#{j}", "prompt_id": p.id, "prompt": p.text,
                          "messages": p.messages, "initial_response": text, "rounds": [],
@@ -226,11 +230,16 @@ def run_generate(cfg: Config, out_dir: Path, prompt_file: str | None = None) -> 
                     for name, prompts in todo:
                         rows = (chain_rows(generate_chains(group, cr, prompts, bar))
                                 if name.startswith("red") else
-                                helpful_rows(group, cfg, prompts, bar))
+                                helpful_rows(group, cfg, prompts, bar, cr))
                         store.write(name, rows)
             finally:
                 group.shutdown()
-        log.info("SL generation: %d generations in %.1f s", total, time.monotonic() - t0)
+        secs = time.monotonic() - t0
+        metrics = {"generations": total, "tokens": cr.tokens, "seconds": secs,
+                   "tokens_per_s": cr.tokens / secs, "shards": len(todo)}
+        (sl_dir / "generate_metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("SL generation: %d generations, %d tokens in %.1f s (%.1f tokens/s, "
+                 "start-up included)", total, cr.tokens, secs, metrics["tokens_per_s"])
     return build_views(store, plan, sl_dir, cfg.sl.train_rounds)
 
 

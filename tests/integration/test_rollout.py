@@ -65,3 +65,49 @@ def test_sample_command_end_to_end(tiny_model_dir, tmp_path: Path) -> None:
     assert all(r["id"].startswith("donotanswer:") and r["prompt"] for r in rows)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["rollout"]["sampling"]["max_new_tokens"] == 8  # the override is recorded
+
+
+def _hf_logprobs(model_dir: Path, ids: list[int]) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = m(torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_update_weights_swaps_the_policy_in_place(tiny_model_dir, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cai_ray.actors.group import ActorGroup
+    from cai_ray.config import EngineConfig, ModelSpec, RoleResources
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "new")
+    ids = [3, 40, 41, 200, 7, 99, 12, 350, 6]
+    engine = EngineConfig(dtype="float32", max_model_len=256, kv_cache_gib=1)
+    g = ActorGroup("rollout", RolloutWorker, RoleResources(), local=True,
+                   init_args=(ModelSpec(path="tiny-llama"), engine, "cpu", 0))
+    try:
+        def diff(model_dir: Path) -> float:
+            got = g.call(0, RolloutWorker.prompt_logprobs, [ids])[0]
+            return max(abs(a - b) for a, b in zip(got, _hf_logprobs(model_dir, ids), strict=True))
+
+        assert diff(tiny_model_dir) < 1e-4 and diff(tmp_path / "new") > 1e-2
+        assert g.call(0, RolloutWorker.update_weights, 1, path=str(tmp_path / "new")) == 1
+        assert diff(tmp_path / "new") < 1e-4
+        req = GenerationRequest(request_id="v", messages=[{"role": "user", "content": "hi"}],
+                                max_tokens=2)
+        assert g.call(0, RolloutWorker.generate, [req])[0].weight_version == 1
+        original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        named = [(k, v.clone()) for k, v in original.state_dict().items()]
+        g.call(0, RolloutWorker.update_weights, 2, weights=named)
+        assert diff(tiny_model_dir) < 1e-4
+    finally:
+        g.shutdown()

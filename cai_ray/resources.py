@@ -1,0 +1,66 @@
+"""Peak resident memory of a run: the driver, its children and this node's Ray workers.
+
+Ray workers are children of the raylet, not of the driver, so `ru_maxrss` misses them; a
+sampling thread adds up the RSS of every process that belongs to the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import TracebackType
+
+import psutil
+
+
+def _run_processes() -> list[psutil.Process]:
+    me = psutil.Process(os.getpid())
+    procs = [me] + me.children(recursive=True)
+    seen = {p.pid for p in procs}
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            name = p.info["name"] or ""
+            if p.pid not in seen and (name.startswith("ray::") or name == "raylet"):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return procs
+
+
+def current_rss_bytes() -> int:
+    total = 0
+    for p in _run_processes():
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+class PeakRSS:
+    """`with PeakRSS() as m: ...` then `m.peak_gib`: sampled every `interval_s`."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 2**30
