@@ -5,7 +5,7 @@
 
 The same prompts, sampling, dtype and token counts go through (a) a Ray actor group hosting vLLM
 (the system's path: typed requests, actor call, typed results), (b) a raw `vllm.LLM` in this
-process, (c) batched HF `generate`. Every sequence is forced to the same length (`ignore_eos`;
+process, (c) batched HF `generate`; each timed `--repeats` times, median reported. Every sequence is forced to the same length (`ignore_eos`;
 `min_new_tokens` for HF), so tokens/s compare like for like. Prints tokens/s, the ratios a/b and
 a/c, and the peak RSS of each (driver + Ray workers). Each path gets one warm-up call first.
 """
@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,13 +51,16 @@ def bench_group(args: argparse.Namespace, chats: list, engine: EngineConfig) -> 
                               max_tokens=args.tokens, ignore_eos=True, seed=i)
             for i, m in enumerate(chats)]
     g.call(0, RolloutWorker.generate, reqs[:2])  # warm-up
-    t0 = time.monotonic()
-    out = g.call(0, RolloutWorker.generate, reqs)
-    dt = time.monotonic() - t0
-    assert sum(len(c.token_ids) for r in out for c in r.completions) == len(reqs) * args.tokens
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.monotonic()
+        out = g.call(0, RolloutWorker.generate, reqs)
+        times.append(time.monotonic() - t0)
+        assert sum(len(c.token_ids) for r in out for c in r.completions) == \
+            len(reqs) * args.tokens
     g.shutdown()
     ray.shutdown()
-    return len(reqs) * args.tokens / dt
+    return len(reqs) * args.tokens / statistics.median(times)
 
 
 def bench_raw_vllm(args: argparse.Namespace, chats: list, engine: EngineConfig) -> float:
@@ -74,14 +78,16 @@ def bench_raw_vllm(args: argparse.Namespace, chats: list, engine: EngineConfig) 
     params = [SamplingParams(temperature=0.7, top_p=0.9, max_tokens=args.tokens,
                              ignore_eos=True, seed=i) for i in range(len(ids))]
     llm.generate(ids[:2], params[:2], use_tqdm=False)
-    t0 = time.monotonic()
-    out = llm.generate(ids, params, use_tqdm=False)
-    dt = time.monotonic() - t0
-    assert sum(len(o.outputs[0].token_ids) for o in out) == len(ids) * args.tokens
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.monotonic()
+        out = llm.generate(ids, params, use_tqdm=False)
+        times.append(time.monotonic() - t0)
+        assert sum(len(o.outputs[0].token_ids) for o in out) == len(ids) * args.tokens
     llm.llm_engine.shutdown() if hasattr(llm.llm_engine, "shutdown") else None
     del llm
     gc.collect()
-    return len(ids) * args.tokens / dt
+    return len(ids) * args.tokens / statistics.median(times)
 
 
 def bench_hf(args: argparse.Namespace, chats: list) -> float:
@@ -103,11 +109,13 @@ def bench_hf(args: argparse.Namespace, chats: list) -> float:
     with torch.no_grad():
         model.generate(**{k: v[:2] for k, v in batch.items()}, **{**kw, "max_new_tokens": 4,
                                                                 "min_new_tokens": 4})
-        t0 = time.monotonic()
-        out = model.generate(**batch, **kw)
-        dt = time.monotonic() - t0
-    assert out.shape[1] - batch["input_ids"].shape[1] == args.tokens
-    return len(texts) * args.tokens / dt
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.monotonic()
+            out = model.generate(**batch, **kw)
+            times.append(time.monotonic() - t0)
+            assert out.shape[1] - batch["input_ids"].shape[1] == args.tokens
+    return len(texts) * args.tokens / statistics.median(times)
 
 
 def main() -> None:
@@ -117,6 +125,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per path (median)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     engine = EngineConfig(dtype=args.dtype, max_model_len=1024, kv_cache_gib=2,

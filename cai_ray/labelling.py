@@ -1,0 +1,96 @@
+"""AI-feedback prompts and soft labels: pure functions, no engine.
+
+The feedback model sees the paper's multiple-choice prompt (conversation, principle, options,
+"The answer is:") and the label is p(A) = P(A) / (P(A) + P(B)) from its next-token
+probabilities. Few-shot examples come first, each under its own sampled principle.
+`principle_position="after"` puts the principle after the options, so that with several
+principles per comparison the conversation *and* both responses are a shared prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cai_ray.constitution import ComparisonExample, CotComparisonExample
+from cai_ray.messages import ChatMessage
+
+OPTION_A, OPTION_B = " (A)", " (B)"
+ANSWER_CUE = "The answer is:"
+COT_CUE = "Let's think step-by-step:"
+COT_ANSWER_CUE = "So the answer is:"
+
+
+def transcript(conversation: Sequence[ChatMessage]) -> str:
+    """Human/Assistant transcript of a chat (system turns folded into the first human turn)."""
+    lines, system = [], ""
+    for m in conversation:
+        if m["role"] == "system":
+            system = m["content"] + "\n"
+            continue
+        who = "Human" if m["role"] == "user" else "Assistant"
+        lines.append(f"{who}: {system}{m['content']}")
+        system = ""
+    return "\n\n".join(lines)
+
+
+def question(conversation: Sequence[ChatMessage], principle: str, response_a: str,
+             response_b: str, position: str = "before") -> str:
+    """The multiple-choice block without its answer cue."""
+    head = ("Consider the following conversation between a human and an assistant:\n"
+            f"{transcript(conversation)}\n")
+    options = f"Options:\n(A) {response_a}\n(B) {response_b}\n"
+    return head + (f"{principle}\n{options}" if position == "before"
+                   else f"{options}{principle}\n")
+
+
+@dataclass(frozen=True)
+class Shot:
+    """A rendered few-shot example: its question, optional reasoning and the answer letter."""
+
+    question: str
+    answer: str  # "A" | "B"
+    reasoning: str | None = None
+
+
+def render_shots(examples: Sequence[ComparisonExample | CotComparisonExample],
+                 principles: Sequence[str], position: str) -> list[Shot]:
+    """One principle per example (sampled by the caller), in the same layout as the query."""
+    out = []
+    for ex, principle in zip(examples, principles, strict=True):
+        q = question([{"role": "user", "content": ex.prompt}], principle, ex.response_a,
+                     ex.response_b, position)
+        out.append(Shot(q, ex.answer, getattr(ex, "reasoning", None)))
+    return out
+
+
+def prompt_text(shots: Sequence[Shot], query: str, cot_reasoning: str | None = None,
+                cot: bool = False) -> str:
+    """Plain-text prompt ending in the answer cue (the paper's format for a pretrained LM).
+
+    cot=True with no reasoning yet ends in the step-by-step cue, for sampling the reasoning;
+    with `cot_reasoning` it ends in "So the answer is:" for reading the option probabilities."""
+    parts = []
+    for s in shots:
+        if s.reasoning is not None:
+            parts.append(f"{s.question}{COT_CUE} {s.reasoning}\n{COT_ANSWER_CUE} ({s.answer})")
+        else:
+            parts.append(f"{s.question}{ANSWER_CUE} ({s.answer})")
+    if not cot:
+        tail = f"{query}{ANSWER_CUE}"
+    elif cot_reasoning is None:
+        tail = f"{query}{COT_CUE}"
+    else:
+        tail = f"{query}{COT_CUE} {cot_reasoning.strip()}\n{COT_ANSWER_CUE}"
+    return "\n\n".join(parts + [tail])
+
+
+def combine_orders(p_a_first: float, p_a_second: float) -> float:
+    """p(A) from both orders: the second order showed A as option (B), so its p(A-option)
+    is the probability of B; averaging cancels a constant position bias."""
+    return 0.5 * (p_a_first + (1.0 - p_a_second))
+
+
+def clamp(p: float, lo: float, hi: float) -> float:
+    """CoT probabilities sit near 0 or 1; the paper clamps them (to [0.4, 0.6])."""
+    return min(max(p, lo), hi)
