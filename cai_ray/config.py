@@ -102,6 +102,10 @@ class FeedbackConfig:
     cot_clamp: list[float] = option(help="CoT probabilities are clamped to [lo, hi]",
                                     factory=lambda: [0.4, 0.6])
     cot_max_tokens: int = option(256, "reasoning tokens sampled in CoT mode", positive)
+    cot_temperature: float = option(1.0, "sampling temperature of the CoT reasoning",
+                                    non_negative)
+    chat_template: bool = option(True, "wrap the multiple-choice prompt in the judge's chat "
+                                 "template (instruct judges); false = the paper's plain text")
     batch_size: int = option(64, "comparisons per feedback call", positive)
 
     def problems(self) -> list[tuple[str, str]]:

@@ -94,3 +94,44 @@ def combine_orders(p_a_first: float, p_a_second: float) -> float:
 def clamp(p: float, lo: float, hi: float) -> float:
     """CoT probabilities sit near 0 or 1; the paper clamps them (to [0.4, 0.6])."""
     return min(max(p, lo), hi)
+
+
+@dataclass(frozen=True)
+class JudgeQuery:
+    """One multiple-choice judgement to put to the feedback model."""
+
+    query_id: str
+    question: str  # from `question(...)`: conversation, principle and options, no cue
+    shots: tuple[Shot, ...] = ()
+    cot: bool = False
+    reasoning: str | None = None  # CoT: the sampled reasoning, once there is one
+
+
+def _answer_turn(s: Shot) -> str:
+    if s.reasoning is not None:
+        return f"{COT_CUE} {s.reasoning}\n{COT_ANSWER_CUE} ({s.answer})"
+    return f"{ANSWER_CUE} ({s.answer})"
+
+
+def _cue(q: JudgeQuery) -> str:
+    if not q.cot:
+        return ANSWER_CUE
+    if q.reasoning is None:
+        return COT_CUE
+    return f"{COT_CUE} {q.reasoning.strip()}\n{COT_ANSWER_CUE}"
+
+
+def conversation(q: JudgeQuery) -> list[ChatMessage]:
+    """Chat form for instruct judges: each shot a user turn and its answer; the query's
+    assistant turn is left open on the cue (rendered with continue_final_message)."""
+    turns: list[ChatMessage] = []
+    for s in q.shots:
+        turns += [{"role": "user", "content": s.question.rstrip()},
+                  {"role": "assistant", "content": _answer_turn(s)}]
+    return turns + [{"role": "user", "content": q.question.rstrip()},
+                    {"role": "assistant", "content": _cue(q)}]
+
+
+def plain_text(q: JudgeQuery) -> str:
+    """The paper's plain-text form, for pretrained (non-chat) judges."""
+    return prompt_text(q.shots, q.question, q.reasoning, q.cot)

@@ -45,9 +45,9 @@ def vllm_env(engine: EngineConfig, device: str, threads: int | None = None) -> d
     return env
 
 
-def engine_kwargs(model: ModelSpec, engine: EngineConfig, device: str, seed: int
-                  ) -> dict[str, Any]:
-    kw: dict[str, Any] = {
+def engine_kwargs(model: ModelSpec, engine: EngineConfig, device: str, seed: int,
+                  **extra: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = {**extra,
         "model": resolve(model),
         "tokenizer": model.tokenizer,
         "revision": model.revision,
@@ -81,11 +81,16 @@ class RolloutWorker(Worker):
 
         t0 = time.monotonic()
         # A distinct seed per rank: identical engines would otherwise sample identical text.
-        self.llm = LLM(**engine_kwargs(model, engine, self.device, seed + ctx.rank))
+        self.llm = LLM(**engine_kwargs(model, engine, self.device, seed + ctx.rank,
+                                       **self.extra_engine_args()))
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
         log.info("%s[%d]: vLLM engine (%s, %s) ready in %.1f s", ctx.role, ctx.rank,
                  self.device, engine.dtype, time.monotonic() - t0)
+
+    def extra_engine_args(self) -> dict[str, Any]:
+        """Engine arguments a subclass role adds (the feedback role reads processed log-probs)."""
+        return {}
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         text = self.tokenizer.apply_chat_template(
