@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", choices=["generate", "train"], help="run one step only "
                    "(default: both; finished steps are skipped, interrupted ones resume)")
 
+    p = sub.add_parser("label", help="RL-CAI: response pairs from the policy, soft labels "
+                       "from the feedback model")
+    _add_run_args(p)
+    p.add_argument("--pairs", help="JSONL with prompt, response_a, response_b per line: label "
+                   "these instead of sampling pairs from the policy")
+
     p = sub.add_parser("sample", help="answer red-team prompts with the policy through the "
                        "rollout group (vLLM on Ray)")
     _add_run_args(p)
@@ -172,8 +178,26 @@ def _cmd_sl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from cai_ray.config import load_config
+    from cai_ray.resources import PeakRSS
+    from cai_ray.runtime import prepare_run_dir, setup_logging
+    from cai_ray.stages.label import read_pairs_file, run_label
+
+    cfg = load_config(args.config, args.overrides)
+    if args.pairs:
+        read_pairs_file(args.pairs)  # every bad line reported before anything starts
+    setup_logging(cfg.run.log_level)
+    out = prepare_run_dir(cfg, args.output)
+    with PeakRSS() as mem:
+        path = run_label(cfg, out, args.pairs)
+    print(f"comparisons: {path} (peak RSS {mem.peak_gib:.2f} GiB)")
+    return 0
+
+
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
-            "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl}
+            "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
+            "label": _cmd_label}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
-"""Peak resident memory of a run: the driver, its children and this node's Ray workers.
+"""Peak resident memory of a run: the driver and every process under it.
 
-Ray workers are children of the raylet, not of the driver, so `ru_maxrss` misses them; a
-sampling thread adds up the RSS of every process that belongs to the run instead.
+Ray workers are grandchildren of the driver (under the raylet it started), which `ru_maxrss`
+does not count; a sampling thread adds up the RSS of the whole process tree instead.
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ import psutil
 
 
 def _run_processes() -> list[psutil.Process]:
+    """The driver and all its descendants: a local Ray started by the driver (raylet, GCS and
+    every worker under them) is among them; other sessions' processes are not."""
     me = psutil.Process(os.getpid())
-    procs = [me] + me.children(recursive=True)
-    seen = {p.pid for p in procs}
-    for p in psutil.process_iter(["name", "cmdline"]):
-        try:
-            name = p.info["name"] or ""
-            if p.pid not in seen and (name.startswith("ray::") or name == "raylet"):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return procs
+    return [me] + me.children(recursive=True)
 
 
 def current_rss_bytes() -> int:

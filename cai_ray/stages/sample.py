@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cai_ray.actors.group import ActorGroup, Pending
 from cai_ray.actors.rollout import RolloutWorker, vllm_env
-from cai_ray.config import Config
+from cai_ray.config import Config, ModelSpec
 from cai_ray.data import PromptStream, load_prompts
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
 from cai_ray.runtime import device_of, ray_session
@@ -24,11 +24,12 @@ from cai_ray.runtime import device_of, ray_session
 log = logging.getLogger(__name__)
 
 
-def rollout_group(cfg: Config) -> ActorGroup[RolloutWorker]:
+def rollout_group(cfg: Config, model: ModelSpec | None = None) -> ActorGroup[RolloutWorker]:
+    """The rollout group serving `model` (default: the configured policy)."""
     device = device_of(cfg)
     res = cfg.placement.rollout
     return ActorGroup("rollout", RolloutWorker, res,
-                      init_args=(cfg.model, cfg.rollout.engine, device, cfg.run.seed),
+                      init_args=(model or cfg.model, cfg.rollout.engine, device, cfg.run.seed),
                       local=cfg.run.local_mode, call_timeout_s=cfg.run.call_timeout_s,
                       startup_timeout_s=cfg.run.startup_timeout_s,
                       env_vars=vllm_env(cfg.rollout.engine, device, res.threads),

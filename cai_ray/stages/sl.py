@@ -39,7 +39,7 @@ from cai_ray.data import PromptStream, load_prompts
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
 from cai_ray.preflight import resolve_path
 from cai_ray.stages.sample import rollout_group
-from cai_ray.stages.sl_store import ShardStore, build_views
+from cai_ray.stages.store import ShardStore, build_views, unknown_principles
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def run_generate(cfg: Config, out_dir: Path, prompt_file: str | None = None) -> 
     constitution = load_constitution(resolve_path(cfg.run.constitution))
     plan = plan_shards(cfg, prompt_file)  # data errors surface here, before any actor starts
     store = ShardStore(sl_dir / "shards")
-    done = store.verify(plan, {p.id for p in constitution.critique_revision})
+    known = {p.id for p in constitution.critique_revision}
+    done = store.verify(plan, lambda ds, src: unknown_principles(ds, src, known))
     todo = [(name, prompts) for name, prompts in plan if name not in done]
     log.info("SL generation: %d shards planned, %d already complete, %d to do", len(plan),
              len(done), len(todo))

@@ -1,4 +1,4 @@
-"""SL-CAI output on disk: completed shards, then the dataset and its training view.
+"""Stage output on disk: completed shards, merged datasets, and the SL training view.
 
     DIR/sl/shards/red-00000/      one HF dataset per finished shard (written aside, then renamed)
     DIR/sl/data/                  all shards in plan order: prompt, initial_response, rounds, ...
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +49,35 @@ def save_atomic(ds: datasets.Dataset, final: Path) -> None:
     tmp.rename(final)
 
 
+def unknown_principles(ds: datasets.Dataset, src: str, known: set[str]) -> list[Problem]:
+    """Rows of an SL shard naming a principle the constitution does not have."""
+    return [Problem(f"row {i}", f"principle id {r['principle_id']!r} is not in the constitution",
+                    src) for i, rounds in enumerate(ds["rounds"]) for r in rounds
+            if r["principle_id"] not in known]
+
+
 class ShardStore:
-    def __init__(self, root: Path):
+    """Finished shards of a stage's output, one HF dataset each, keyed by prompt ids."""
+
+    def __init__(self, root: Path, features: datasets.Features = FEATURES):
         self.root = root
+        self.features = features
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
         return self.root / name
 
     def write(self, name: str, rows: list[dict[str, Any]]) -> None:
-        save_atomic(datasets.Dataset.from_list(rows, features=FEATURES), self.path(name))
+        save_atomic(datasets.Dataset.from_list(rows, features=self.features), self.path(name))
 
     def read(self, name: str) -> datasets.Dataset:
         return datasets.load_from_disk(str(self.path(name)))
 
-    def verify(self, plan: list[tuple[str, list[Prompt]]], principle_ids: set[str]) -> set[str]:
+    def verify(self, plan: list[tuple[str, list[Prompt]]],
+               check: Callable[[datasets.Dataset, str], list[Problem]]) -> set[str]:
         """Names of finished shards, after checking each holds exactly the prompts the plan puts
-        there and only principles the constitution knows; any mismatch stops the run before an
-        actor starts, since continuing would repeat or lose prompts."""
+        there and passes `check` (e.g. only principles the constitution knows); any mismatch
+        stops the run before an actor starts, since continuing would repeat or lose prompts."""
         problems: list[Problem] = []
         done = set()
         for name, prompts in plan:
@@ -78,15 +90,10 @@ class ShardStore:
                                         "the shard (data, limit, shard_size or shuffle_seed "
                                         "changed?); use a new --output directory", src))
                 continue
-            for i, rounds in enumerate(ds["rounds"]):
-                for r in rounds:
-                    if r["principle_id"] not in principle_ids:
-                        problems.append(Problem(f"row {i}", f"principle id "
-                                                f"{r['principle_id']!r} is not in the "
-                                                "constitution", src))
+            problems += check(ds, src)
             done.add(name)
         if problems:
-            raise ValidationError("cannot resume SL generation", problems)
+            raise ValidationError("cannot resume", problems)
         return done
 
 
@@ -104,15 +111,22 @@ def train_view(data: datasets.Dataset, train_rounds: int | None) -> datasets.Dat
     return datasets.Dataset.from_list(rows, features=TRAIN_FEATURES)
 
 
-def build_views(store: ShardStore, plan: list[tuple[str, list[Prompt]]], sl_dir: Path,
-                train_rounds: int | None) -> Path:
+def merge_shards(store: ShardStore, plan: list[tuple[str, list[Prompt]]], final: Path
+                 ) -> datasets.Dataset:
+    """All shards in plan order into one dataset at `final` (written aside, then renamed)."""
     parts = [store.read(name) for name, _ in plan]
     data = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_list(
-        [], features=FEATURES)
+        [], features=store.features)
     ids = data["id"]
     if len(ids) != len(set(ids)):
-        raise RuntimeError("duplicate rows across SL shards")  # the plan makes this impossible
-    save_atomic(data, sl_dir / "data")
+        raise RuntimeError("duplicate rows across shards")  # the plan makes this impossible
+    save_atomic(data, final)
+    return data
+
+
+def build_views(store: ShardStore, plan: list[tuple[str, list[Prompt]]], sl_dir: Path,
+                train_rounds: int | None) -> Path:
+    data = merge_shards(store, plan, sl_dir / "data")
     train = train_view(data, train_rounds)
     save_atomic(train, sl_dir / "train")
     log.info("SL data: %d rows -> %s; training view: %d samples -> %s", len(data),

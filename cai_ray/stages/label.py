@@ -1,0 +1,267 @@
+"""RL-CAI labelling: response pairs from the policy, soft labels from the feedback model.
+
+    cai-ray label --config C --output DIR [--pairs FILE.jsonl]
+
+The policy (DIR/sl/model when SL-CAI ran, else `model`) samples two responses per red-team
+prompt; helpfulness prompts give pairs too. The feedback model judges each pair under
+`feedback.num_principles` principles of the pair's aspect (sampled per comparison, with
+replacement), few-shot examples first (each under its own principle), in both orders by default;
+p(A) is the mean over principles of the order-averaged probability. Chain-of-thought mode samples
+the reasoning first and clamps the result to `feedback.cot_clamp`. Written in resumable shards
+to DIR/label/shards, then DIR/label/comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+from tqdm import tqdm
+
+from cai_ray.actors.feedback import FeedbackWorker
+from cai_ray.actors.group import ActorGroup
+from cai_ray.actors.rollout import RolloutWorker, vllm_env
+from cai_ray.config import Config, ModelSpec
+from cai_ray.configschema import Problem, ValidationError
+from cai_ray.constitution import Constitution, load_constitution
+from cai_ray.labelling import JudgeQuery, clamp, combine_orders, question, render_shots
+from cai_ray.messages import GenerationRequest, Prompt
+from cai_ray.preflight import resolve_path
+from cai_ray.runtime import device_of, ray_session
+from cai_ray.stages.sample import rollout_group
+from cai_ray.stages.sl import request_seed
+from cai_ray.stages.store import ShardStore, merge_shards
+
+log = logging.getLogger(__name__)
+
+_MSG = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+FEATURES = datasets.Features({
+    "id": datasets.Value("string"), "prompt_id": datasets.Value("string"),
+    "prompt": datasets.Value("string"), "messages": _MSG,
+    "response_a": datasets.Value("string"), "response_b": datasets.Value("string"),
+    "p_a": datasets.Value("float64"), "principle_ids": [datasets.Value("string")],
+    "order_disagreement": datasets.Value("bool"), "method": datasets.Value("string"),
+    "aspect": datasets.Value("string"), "labeller": datasets.Value("string"),
+})
+
+
+def feedback_group(cfg: Config) -> ActorGroup[FeedbackWorker]:
+    device = device_of(cfg)
+    res = cfg.placement.feedback
+    return ActorGroup("feedback", FeedbackWorker, res,
+                      init_args=(cfg.feedback.model or cfg.model, cfg.feedback.engine, device,
+                                 cfg.run.seed, cfg.feedback.chat_template),
+                      local=cfg.run.local_mode, call_timeout_s=cfg.run.call_timeout_s,
+                      startup_timeout_s=cfg.run.startup_timeout_s,
+                      env_vars=vllm_env(cfg.feedback.engine, device, res.threads),
+                      strategy=cfg.placement.strategy)
+
+
+class Labeller:
+    """Builds the judgements of a pair and folds their probabilities into one comparison."""
+
+    def __init__(self, cfg: Config, constitution: Constitution):
+        self.cfg, self.c, self.f = cfg, constitution, cfg.feedback
+
+    def queries(self, key: str, convo: list[dict[str, str]], a: str, b: str, aspect: str
+                ) -> list[JudgeQuery]:
+        f, seed = self.f, self.cfg.run.seed
+        pool = [ex for ex in (self.c.few_shot.cot_comparison if f.method == "cot"
+                              else self.c.few_shot.comparison) if ex.aspect == aspect]
+        pool = pool[:f.few_shot]
+        shot_principles = [self.c.sample_comparison(seed, f"{key}|shot{j}", aspect)[0].text
+                           for j in range(len(pool))]
+        shots = tuple(render_shots(pool, shot_principles, f.principle_position))
+        out = []
+        for k, pr in enumerate(self.c.sample_comparison(seed, key, aspect, f.num_principles)):
+            orders = [(a, b), (b, a)] if f.both_orders else [(a, b)]
+            for o, (x, y) in enumerate(orders):
+                out.append(JudgeQuery(f"{key}|{k}|{o}", question(convo, pr.text, x, y,
+                                                                  f.principle_position),
+                                      shots, cot=f.method == "cot"))
+        return out
+
+    def fold(self, probs: list[float]) -> tuple[float, bool]:
+        """(p_a, order disagreement) from the probabilities of one pair's queries, in order."""
+        if self.f.method == "cot":
+            lo, hi = self.f.cot_clamp
+            probs = [clamp(p, lo, hi) for p in probs]
+        if not self.f.both_orders:
+            return sum(probs) / len(probs), False
+        firsts, seconds = probs[0::2], probs[1::2]
+        per = [combine_orders(x, y) for x, y in zip(firsts, seconds, strict=True)]
+        disagree = any((x > 0.5) != (y < 0.5) for x, y in zip(firsts, seconds, strict=True))
+        return sum(per) / len(per), disagree
+
+
+def judge(group: ActorGroup[FeedbackWorker], lab: Labeller, queries: list[JudgeQuery]
+          ) -> list[float]:
+    f = lab.f
+    if f.method == "cot":
+        seeds = [request_seed(lab.cfg.run.seed, q.query_id, "cot") for q in queries]
+        reasons = group.shard_and_gather(FeedbackWorker.reasoning, queries, f.cot_max_tokens,
+                                         f.cot_temperature, seeds)
+        queries = [JudgeQuery(q.query_id, q.question, q.shots, True, r or "...")
+                   for q, r in zip(queries, reasons, strict=True)]
+    return group.shard_and_gather(FeedbackWorker.choice_probs, queries)
+
+
+def sample_pairs(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Prompt]
+                 ) -> list[tuple[str, str]]:
+    s = cfg.rollout.sampling
+    reqs = [GenerationRequest(request_id=p.id, messages=p.messages, n=2,
+                              temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                              repetition_penalty=s.repetition_penalty,
+                              max_tokens=s.max_new_tokens,
+                              seed=request_seed(cfg.run.seed, p.id, "pair")) for p in prompts]
+    res = group.shard_and_gather(RolloutWorker.generate, reqs)
+    return [(r.completions[0].text.strip(), r.completions[1].text.strip()) for r in res]
+
+
+def label_shard(lab: Labeller, fb: ActorGroup[FeedbackWorker], prompts: list[Prompt],
+                pairs: list[tuple[str, str]], aspect: str, labeller: str) -> list[dict[str, Any]]:
+    per_pair = [lab.queries(p.id, p.messages, a, b, aspect) for p, (a, b) in zip(prompts, pairs,
+                                                                                strict=True)]
+    probs = judge(fb, lab, [q for qs in per_pair for q in qs])
+    rows, i = [], 0
+    for p, (a, b), qs in zip(prompts, pairs, per_pair, strict=True):
+        p_a, dis = lab.fold(probs[i:i + len(qs)])
+        i += len(qs)
+        ids = [pr.id for pr in lab.c.sample_comparison(lab.cfg.run.seed, p.id, aspect,
+                                                        lab.f.num_principles)]
+        rows.append({"id": p.id, "prompt_id": p.id, "prompt": p.text, "messages": p.messages,
+                     "response_a": a, "response_b": b, "p_a": p_a, "principle_ids": ids,
+                     "order_disagreement": dis, "method": lab.f.method, "aspect": aspect,
+                     "labeller": labeller})
+    return rows
+
+
+def policy_spec(cfg: Config, out_dir: Path) -> ModelSpec:
+    sl_model = out_dir / "sl" / "model"
+    if (sl_model / "config.json").exists():
+        return ModelSpec(path=str(sl_model), dtype=cfg.model.dtype,
+                         trust_remote_code=cfg.model.trust_remote_code)
+    return cfg.model
+
+
+Shard = tuple[str, str, list[Prompt], list[tuple[str, str]] | None]
+
+
+def plan(cfg: Config, constitution: Constitution, pairs_file: str | None = None) -> list[Shard]:
+    """(shard name, aspect, prompts, given pairs or None): red-team prompts judged for
+    harmlessness, helpfulness prompts for helpfulness (when the constitution has helpfulness
+    principles); or the user's pairs from `pairs_file`, judged for harmlessness."""
+    from cai_ray.data import PromptStream, load_prompts
+
+    size = cfg.feedback.batch_size
+    if pairs_file:
+        rows = read_pairs_file(pairs_file)
+        prompts = [Prompt(f"pairs:{i}", [{"role": "user", "content": r["prompt"]}], pairs_file)
+                   for i, r in enumerate(rows)]
+        given = [(r["response_a"], r["response_b"]) for r in rows]
+        return [(f"harmless-{i // size:05d}", "harmless", prompts[i:i + size],
+                 given[i:i + size]) for i in range(0, len(rows), size)]
+    out: list[Shard] = []
+    sources = [("harmless", cfg.data.red_team)]
+    if constitution.principles("helpful"):
+        sources.append(("helpful", cfg.data.helpful))
+    for aspect, src in sources:
+        ds, _ = load_prompts(src, cfg.data.on_bad_row)
+        prompts = PromptStream(ds, seed=cfg.data.shuffle_seed + 1).take(len(ds))
+        out += [(f"{aspect}-{i // size:05d}", aspect, prompts[i:i + size], None)
+                for i in range(0, len(prompts), size)]
+    return out
+
+
+def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path:
+    final = out_dir / "label" / "comparisons"
+    if final.exists():
+        log.info("comparisons already complete in %s; skipping", final)
+        return final
+    constitution = load_constitution(resolve_path(cfg.run.constitution))
+    shards = plan(cfg, constitution, pairs_file)  # bad input stops here, before any actor
+    store = ShardStore(out_dir / "label" / "shards", FEATURES)
+    known = {p.id for p in constitution.comparison}
+
+    def check(ds: datasets.Dataset, src: str) -> list[Problem]:
+        return [Problem(f"row {i}", f"principle id {pid!r} is not in the constitution", src)
+                for i, ids in enumerate(ds["principle_ids"]) for pid in ids if pid not in known]
+
+    flat = [(name, prompts) for name, _, prompts, _ in shards]
+    done = store.verify(flat, check)
+    todo = [s for s in shards if s[0] not in done]
+    policy = policy_spec(cfg, out_dir)
+    labeller = (cfg.feedback.model or cfg.model).path
+    log.info("labelling: %d shards planned, %d complete; policy %s, labeller %s", len(shards),
+             len(done), policy.path, labeller)
+    t0, pairs_done = time.monotonic(), 0
+    if todo:
+        lab = Labeller(cfg, constitution)
+        need_pairs = any(given is None for *_, given in todo)
+        with ray_session(cfg):
+            rollout = rollout_group(cfg, policy) if need_pairs else None
+            fb: ActorGroup[FeedbackWorker] | None = None
+            try:
+                fb = feedback_group(cfg)
+                with tqdm(total=sum(len(s[2]) for s in todo), desc="AI feedback",
+                          unit="pair") as bar:
+                    for name, aspect, prompts, given in todo:
+                        pairs = given if given is not None else sample_pairs(
+                            rollout, cfg, prompts)  # type: ignore[arg-type]
+                        store.write(name, label_shard(lab, fb, prompts, pairs, aspect, labeller))
+                        pairs_done += len(prompts)
+                        bar.update(len(prompts))
+            finally:
+                for g in (rollout, fb):
+                    if g is not None:
+                        g.shutdown()
+    data = merge_shards(store, flat, final)
+    secs = time.monotonic() - t0
+    stats = summarize(data)
+    stats.update({"pairs_labelled_now": pairs_done, "seconds": secs,
+                  "pairs_per_s": pairs_done / secs if pairs_done else None})
+    (out_dir / "label" / "metrics.json").write_text(json.dumps(stats, indent=2))
+    log.info("labelling: %d comparisons -> %s; order disagreement %.1f%%", len(data), final,
+             100 * stats["order_disagreement_rate"])
+    return final
+
+
+def summarize(data: datasets.Dataset) -> dict[str, Any]:
+    n = max(len(data), 1)
+    by_aspect: dict[str, Any] = {}
+    for aspect in set(data["aspect"]):
+        ps = [r["p_a"] for r in data if r["aspect"] == aspect]
+        by_aspect[aspect] = {"count": len(ps), "mean_p_a": sum(ps) / len(ps),
+                             "share_prefer_a": sum(p > 0.5 for p in ps) / len(ps)}
+    return {"comparisons": len(data), "order_disagreement_rate":
+            sum(data["order_disagreement"]) / n, "by_aspect": by_aspect}
+
+
+def read_pairs_file(path: str) -> list[dict[str, str]]:
+    """User pairs (JSONL: prompt, response_a, response_b); every bad line named at once."""
+    problems, rows = [], []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(f"line {i}", f"invalid JSON: {e.msg}", path))
+            continue
+        missing = [k for k in ("prompt", "response_a", "response_b")
+                   if not isinstance(row, dict) or not isinstance(row.get(k), str)
+                   or not row[k].strip()]
+        if missing:
+            problems.append(Problem(f"line {i}", f"missing or empty {', '.join(missing)} "
+                                    "(each line needs prompt, response_a, response_b)", path))
+            continue
+        rows.append(row)
+    if not rows and not problems:
+        problems.append(Problem("", "no pairs in the file", path))
+    if problems:
+        raise ValidationError("invalid pairs file", problems)
+    return rows
