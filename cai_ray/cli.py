@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", help="JSONL with prompt, response_a, response_b per line: label "
                    "these instead of sampling pairs from the policy")
 
+    p = sub.add_parser("rm", help="RL-CAI: train the preference model on the comparisons")
+    _add_run_args(p)
+    p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
+                   "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
+
     p = sub.add_parser("sample", help="answer red-team prompts with the policy through the "
                        "rollout group (vLLM on Ray)")
     _add_run_args(p)
@@ -195,9 +200,29 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from pathlib import Path as _P
+
+    from cai_ray.config import load_config
+    from cai_ray.resources import PeakRSS
+    from cai_ray.runtime import prepare_run_dir, setup_logging
+    from cai_ray.stages.rm import read_comparisons, run_rm
+
+    cfg = load_config(args.config, args.overrides)
+    if args.comparisons:
+        read_comparisons(_P(args.comparisons), args.comparisons)  # bad rows before anything
+    setup_logging(cfg.run.log_level)
+    out = prepare_run_dir(cfg, args.output)
+    with PeakRSS() as mem:
+        path = run_rm(cfg, out, args.comparisons)
+    print(f"preference model: {path} (metrics in {out / 'rm' / 'metrics.json'}; peak RSS "
+          f"{mem.peak_gib:.2f} GiB)")
+    return 0
+
+
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
-            "label": _cmd_label}
+            "label": _cmd_label, "rm": _cmd_rm}
 
 
 def main(argv: list[str] | None = None) -> int:

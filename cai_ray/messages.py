@@ -80,3 +80,14 @@ class TrainStats:
     lr: float
     grad_norm: float | None  # at accumulation boundaries, when DeepSpeed reports it
     seconds: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A labelled pair: `p_a` is the probability that response A is the better one."""
+
+    messages: list[ChatMessage]  # the conversation both responses answer
+    response_a: str
+    response_b: str
+    p_a: float  # soft label in [0, 1]
+    aspect: str = "harmless"  # "harmless" | "helpful"

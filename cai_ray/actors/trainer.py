@@ -35,6 +35,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def encode_chat(tok: Any, messages: list[dict[str, str]], response: str, limit: int
+                ) -> tuple[list[int], list[int]]:
+    """Token ids and response mask: the prompt as the chat template renders it for generation,
+    then the response and EOS, exactly the sequence the rollout engine would produce."""
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    p_ids = tok.encode(prompt, add_special_tokens=False)
+    r_ids = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+    if len(p_ids) + len(r_ids) > limit:
+        # Keep at least half the window for the response and drop the prompt's oldest tokens
+        # (few-shot turns first): the end of the prompt is what the reply answers.
+        r_ids = r_ids[: limit - min(len(p_ids), limit // 2)]
+        p_ids = p_ids[len(p_ids) - (limit - len(r_ids)):]
+    return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)
+
+
 def ds_config(t: TrainerConfig, total_steps: int, world_size: int) -> dict[str, Any]:
     warmup = min(t.warmup_steps, max(total_steps - 1, 0))
     sched: dict[str, Any] | None = None
@@ -61,20 +76,41 @@ def ds_config(t: TrainerConfig, total_steps: int, world_size: int) -> dict[str, 
     return cfg
 
 
-class TrainerWorker(Worker):
+class DistributedWorker(Worker):
+    """A rank of a torch.distributed group (DeepSpeed on top). The driver asks rank 0 for an
+    address, then calls the subclass's `setup` on every rank at once, which joins here."""
+
+    device: str
+    comm_backend: str
+
+    def address(self) -> tuple[str, int]:
+        """(host, free port) for the process group's rendezvous; asked of rank 0."""
+        return socket.gethostbyname(socket.gethostname()), free_port()
+
+    def join_group(self, master_addr: str, master_port: int) -> None:
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.ctx.rank), WORLD_SIZE=str(self.ctx.world_size),
+                          LOCAL_RANK="0" if self.device == "cpu" else os.environ.get(
+                              "LOCAL_RANK", "0"))
+        backend = self.comm_backend
+        if backend == "auto":
+            backend = "nccl" if self.device == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+
+
+class TrainerWorker(DistributedWorker):
     """Hosts the policy in a DeepSpeed engine. Call `address` on rank 0, then `setup` on all."""
 
     def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
                  device: str = "cpu", seed: int = 0):
         super().__init__(ctx)
         self.spec, self.cfg, self.device, self.seed = model, trainer, device, seed
+        self.comm_backend = trainer.comm_backend
         self.engine: Any = None
         self.tokenizer = load_tokenizer(model)
         self.step = 0
-
-    def address(self) -> tuple[str, int]:
-        """(host, free port) for the process group's rendezvous; asked of rank 0."""
-        return socket.gethostbyname(socket.gethostname()), free_port()
 
     def setup(self, master_addr: str, master_port: int, total_steps: int) -> int:
         """Join the process group and build the DeepSpeed engine; returns the parameter count."""
@@ -82,14 +118,7 @@ class TrainerWorker(Worker):
         import torch
         from transformers import AutoModelForCausalLM
 
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-                          RANK=str(self.ctx.rank), WORLD_SIZE=str(self.ctx.world_size),
-                          LOCAL_RANK="0" if self.device == "cpu" else os.environ.get(
-                              "LOCAL_RANK", "0"))
-        backend = self.cfg.comm_backend
-        if backend == "auto":
-            backend = "nccl" if self.device == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        self.join_group(master_addr, master_port)
         torch.manual_seed(self.seed + self.ctx.rank)
         dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
@@ -107,20 +136,7 @@ class TrainerWorker(Worker):
     # --- SFT ------------------------------------------------------------------------------------
 
     def encode(self, sample: SFTSample) -> tuple[list[int], list[int]]:
-        """Token ids and loss mask: the prompt as the chat template renders it for generation,
-        then the response and EOS, exactly the sequence the rollout engine would produce."""
-        tok = self.tokenizer
-        prompt = tok.apply_chat_template(sample.messages, tokenize=False,
-                                         add_generation_prompt=True)
-        p_ids = tok.encode(prompt, add_special_tokens=False)
-        r_ids = tok.encode(sample.response, add_special_tokens=False) + [tok.eos_token_id]
-        limit = self.cfg.max_length
-        if len(p_ids) + len(r_ids) > limit:
-            # Keep at least half the window for the response and drop the prompt's oldest
-            # tokens (few-shot turns first): the end of the prompt is what the reply answers.
-            r_ids = r_ids[: limit - min(len(p_ids), limit // 2)]
-            p_ids = p_ids[len(p_ids) - (limit - len(r_ids)):]
-        return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)
+        return encode_chat(self.tokenizer, sample.messages, sample.response, self.cfg.max_length)
 
     def _batch(self, samples: list[SFTSample]) -> tuple[Any, Any, Any]:
         import torch

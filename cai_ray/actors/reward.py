@@ -1,0 +1,147 @@
+"""Reward role: the preference model, a causal-LM backbone with a scalar head at the final token.
+
+Trained with DeepSpeed on soft-labelled comparisons (`soft_preference_loss`), and serving scores
+of (conversation, response) batches to PPO. A trained PM is saved as the backbone in
+save_pretrained format plus `reward_head.safetensors` and the tokenizer; `ModelSpec.path` pointing
+at such a directory loads the trained head, any other model starts from a fresh head.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cai_ray.actors.group import WorkerContext
+from cai_ray.actors.trainer import DistributedWorker, ds_config, encode_chat
+from cai_ray.algorithms.preference import soft_preference_loss
+from cai_ray.config import ModelSpec, TrainerConfig
+from cai_ray.messages import Comparison, TrainStats
+from cai_ray.models import load_tokenizer, resolve
+
+HEAD_FILE = "reward_head.safetensors"
+
+
+class ScalarRewardModel(torch.nn.Module):
+    """backbone (no LM head) → hidden state of the last real token → linear → one score."""
+
+    def __init__(self, backbone: Any):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.head = torch.nn.Linear(hidden, 1, dtype=backbone.dtype)
+        torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: [B, T], right-padded → scores [B] (float32)."""
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1
+        return self.head(h[torch.arange(h.shape[0]), last]).squeeze(-1).float()
+
+
+def load_reward_model(spec: ModelSpec, dtype: torch.dtype) -> ScalarRewardModel:
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    path = resolve(spec)
+    backbone = AutoModel.from_pretrained(path, revision=spec.revision, dtype=dtype,
+                                         trust_remote_code=spec.trust_remote_code)
+    model = ScalarRewardModel(backbone)
+    head = Path(path) / HEAD_FILE
+    if head.exists():
+        model.head.load_state_dict({k: v.to(dtype) for k, v in load_file(str(head)).items()})
+    return model
+
+
+class RewardWorker(DistributedWorker):
+    def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
+                 device: str = "cpu", seed: int = 0):
+        super().__init__(ctx)
+        self.spec, self.cfg, self.device, self.seed = model, trainer, device, seed
+        self.comm_backend = trainer.comm_backend
+        self.tokenizer = load_tokenizer(model)
+        self.dtype = torch.bfloat16 if trainer.dtype == "bfloat16" else torch.float32
+        self.engine: Any = None
+        self.model: ScalarRewardModel | None = None
+        self.step = 0
+
+    def setup(self, master_addr: str, master_port: int, total_steps: int) -> int:
+        """Join the process group and wrap the PM in a DeepSpeed engine for training."""
+        import deepspeed
+
+        self.join_group(master_addr, master_port)
+        torch.manual_seed(self.seed)  # the same fresh head on every rank
+        model = load_reward_model(self.spec, self.dtype)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr,
+                                weight_decay=self.cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=opt,
+            config=ds_config(self.cfg, total_steps, self.ctx.world_size))
+        self.model = self.engine.module
+        return sum(p.numel() for p in model.parameters())
+
+    def load_for_scoring(self) -> None:
+        """Scoring only (PPO's reward role): no optimizer, no process group."""
+        torch.manual_seed(self.seed)
+        self.model = load_reward_model(self.spec, self.dtype).eval()
+
+    def _batch(self, items: list[tuple[list[dict[str, str]], str]]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = [encode_chat(self.tokenizer, m, r, self.cfg.max_length)[0] for m, r in items]
+        width = max(len(x) for x in enc)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(enc), width), dtype=torch.long)
+        for i, x in enumerate(enc):
+            ids[i, : len(x)] = torch.tensor(x)
+            attn[i, : len(x)] = 1
+        return ids, attn
+
+    def _scores(self, items: list[tuple[list[dict[str, str]], str]]) -> torch.Tensor:
+        assert self.model is not None, "call setup() or load_for_scoring() first"
+        ids, attn = self._batch(items)
+        return self.model(ids, attn)
+
+    def train_step(self, batch: list[Comparison]) -> TrainStats:
+        """One micro-batch of comparisons: both responses scored in one forward pass."""
+        t0 = time.monotonic()
+        self.engine.train()
+        items = [(c.messages, c.response_a) for c in batch] + \
+            [(c.messages, c.response_b) for c in batch]
+        r = self._scores(items)
+        n = len(batch)
+        p = torch.tensor([c.p_a for c in batch], dtype=torch.float32)
+        loss = soft_preference_loss(r[:n], r[n:], p)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.step += 1
+        return TrainStats(step=self.step, loss=float(loss.item()), tokens=n, lr=self.cfg.lr,
+                          grad_norm=None, seconds=time.monotonic() - t0)
+
+    def score(self, items: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+        """PM score of each (conversation, response)."""
+        if not items:
+            return []
+        assert self.model is not None
+        self.model.eval()
+        with torch.no_grad():
+            return [float(x) for x in self._scores(items)]
+
+    def save(self, path: str) -> str:
+        from safetensors.torch import save_file
+
+        assert self.model is not None
+        if self.ctx.rank == 0:
+            out = Path(path)
+            out.mkdir(parents=True, exist_ok=True)
+            self.model.backbone.save_pretrained(out, safe_serialization=True)
+            save_file({k: v.contiguous() for k, v in self.model.head.state_dict().items()},
+                      str(out / HEAD_FILE))
+            self.tokenizer.save_pretrained(out)
+        return path
+
+    def close(self) -> None:
+        self.engine = self.model = None

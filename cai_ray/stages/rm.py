@@ -1,0 +1,216 @@
+"""RL-CAI preference model: train on the soft-labelled comparisons, report accuracy and
+calibration per aspect.
+
+    cai-ray rm --config C --output DIR [--comparisons FILE.jsonl | DIR]
+
+Harmlessness comparisons are mixed with helpfulness ones at `reward.helpful_fraction`; a seeded
+`reward.eval_fraction` is held out. One epoch by default (the paper's), DeepSpeed, the soft-label
+loss. `DIR/rm/metrics.json` gets held-out accuracy, ECE and the reliability bins, overall and
+per aspect; the model goes to `DIR/rm/model` (written aside, then renamed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+from tqdm import tqdm
+
+from cai_ray.actors.group import ActorGroup
+from cai_ray.actors.reward import RewardWorker
+from cai_ray.algorithms.preference import accuracy, bt_probability, reliability
+from cai_ray.config import Config, ModelSpec
+from cai_ray.configschema import Problem, ValidationError
+from cai_ray.messages import Comparison
+from cai_ray.runtime import device_of, ray_session
+
+log = logging.getLogger(__name__)
+
+
+def read_comparisons(path: Path, origin: str) -> list[Comparison]:
+    """Comparisons from a saved dataset or a JSONL file; every bad row is named at once."""
+    if path.is_dir():
+        rows = datasets.load_from_disk(str(path)).to_list()
+        where = "row"
+    else:
+        rows, where = [], "line"
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            try:
+                rows.append(json.loads(line) if line.strip() else None)
+            except json.JSONDecodeError as e:
+                raise ValidationError("invalid comparisons", [Problem(
+                    f"line {i + 1}", f"invalid JSON: {e.msg}", origin)]) from None
+    problems, out = [], []
+    for i, r in enumerate(rows):
+        if r is None:
+            continue
+        at = f"{where} {i + 1 if where == 'line' else i}"
+        msgs = r.get("messages") or ([{"role": "user", "content": r["prompt"]}]
+                                     if isinstance(r.get("prompt"), str) else None)
+        bad = [k for k in ("response_a", "response_b") if not isinstance(r.get(k), str)]
+        if msgs is None:
+            bad.insert(0, "prompt (or messages)")
+        if bad:
+            problems.append(Problem(at, f"missing {', '.join(bad)}", origin))
+            continue
+        p = r.get("p_a")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            problems.append(Problem(at, f"p_a must be a number in [0, 1], got {p!r}", origin))
+            continue
+        aspect = r.get("aspect", "harmless")
+        if aspect not in ("harmless", "helpful"):
+            problems.append(Problem(at, f"aspect must be 'harmless' or 'helpful', got "
+                                    f"{aspect!r}", origin))
+            continue
+        out.append(Comparison(msgs, r["response_a"], r["response_b"], float(p), aspect))
+    if not out and not problems:
+        problems.append(Problem("", "no comparisons", origin))
+    if problems:
+        raise ValidationError("invalid comparisons", problems[:20])
+    return out
+
+
+def mix_and_split(comps: list[Comparison], helpful_fraction: float, eval_fraction: float,
+                  seed: int) -> tuple[list[Comparison], list[Comparison]]:
+    """Subsample the larger aspect so helpfulness makes up `helpful_fraction` (as far as the
+    data allows), shuffle with `seed`, and hold out `eval_fraction` of each aspect."""
+    rng = random.Random(seed)
+    harm = [c for c in comps if c.aspect == "harmless"]
+    help_ = [c for c in comps if c.aspect == "helpful"]
+    rng.shuffle(harm)
+    rng.shuffle(help_)
+    if harm and help_ and 0 < helpful_fraction < 1:
+        want_help = round(len(harm) * helpful_fraction / (1 - helpful_fraction))
+        if want_help <= len(help_):
+            help_ = help_[:want_help]
+        else:
+            harm = harm[:round(len(help_) * (1 - helpful_fraction) / helpful_fraction)]
+    elif helpful_fraction == 0:
+        help_ = []
+    elif helpful_fraction == 1:
+        harm = []
+    train, held = [], []
+    for part in (harm, help_):
+        k = math.ceil(len(part) * eval_fraction) if eval_fraction > 0 else 0
+        held += part[:k]
+        train += part[k:]
+    rng.shuffle(train)
+    return train, held
+
+
+def evaluate(scores: list[tuple[float, float]], comps: list[Comparison]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for aspect in ("all", "harmless", "helpful"):
+        sel = [(s, c) for s, c in zip(scores, comps, strict=True)
+               if aspect == "all" or c.aspect == aspect]
+        if not sel:
+            continue
+        p_model = [bt_probability(a, b) for (a, b), _ in sel]
+        p_label = [c.p_a for _, c in sel]
+        ece, bins = reliability(p_model, p_label)
+        out[aspect] = {"count": len(sel), "accuracy": accuracy(p_model, p_label), "ece": ece,
+                       "reliability": bins}
+    return out
+
+
+def reward_group(cfg: Config, spec: ModelSpec, total_steps: int | None
+                 ) -> ActorGroup[RewardWorker]:
+    """The reward group; `total_steps` set = join a process group and build the trainer."""
+    device = device_of(cfg)
+    r = cfg.reward
+    tcfg = dataclasses.replace(cfg.trainer, lr=r.lr, micro_batch_size=r.micro_batch_size,
+                               grad_accum=r.grad_accum, max_length=r.max_length)
+    group = ActorGroup("reward", RewardWorker, cfg.placement.reward,
+                       init_args=(spec, tcfg, device, cfg.run.seed), local=cfg.run.local_mode,
+                       call_timeout_s=cfg.run.call_timeout_s,
+                       startup_timeout_s=cfg.run.startup_timeout_s,
+                       env_vars={"DS_ACCELERATOR": "cpu"} if device == "cpu" else {},
+                       strategy=cfg.placement.strategy)
+    try:
+        if total_steps is None:
+            group.call_all(RewardWorker.load_for_scoring)
+        else:
+            host, port = group.call(0, RewardWorker.address)
+            group.get([group.submit(k, RewardWorker.setup, host, port, total_steps)
+                       for k in range(group.num_actors)], timeout=cfg.run.startup_timeout_s)
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
+
+
+def score_pairs(group: ActorGroup[RewardWorker], comps: list[Comparison], batch: int
+                ) -> list[tuple[float, float]]:
+    items = [(c.messages, c.response_a) for c in comps] + [(c.messages, c.response_b)
+                                                           for c in comps]
+    scores: list[float] = []
+    for i in range(0, len(items), batch * group.num_actors):
+        scores += group.shard_and_gather(RewardWorker.score, items[i:i + batch * group.num_actors])
+    n = len(comps)
+    return list(zip(scores[:n], scores[n:], strict=True))
+
+
+def run_rm(cfg: Config, out_dir: Path, comparisons: str | None = None) -> Path:
+    rm_dir = out_dir / "rm"
+    final = rm_dir / "model"
+    if (final / "config.json").exists():
+        log.info("preference model already trained in %s; skipping", final)
+        return final
+    src = Path(comparisons) if comparisons else out_dir / "label" / "comparisons"
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist: run `cai-ray label` first, or pass "
+                                "--comparisons")
+    comps = read_comparisons(src, str(src))
+    r = cfg.reward
+    train, held = mix_and_split(comps, r.helpful_fraction, r.eval_fraction, cfg.run.seed)
+    world = cfg.placement.reward.num_actors
+    per_step = r.micro_batch_size * world
+    steps_per_epoch = len(train) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train)} training comparisons are fewer than one step needs "
+                         f"({r.micro_batch_size} × {world} ranks)")
+    total = steps_per_epoch * r.epochs
+    spec = r.model or cfg.model
+    log.info("PM: %d train / %d held-out comparisons, %d steps, backbone %s", len(train),
+             len(held), total, spec.path)
+    t0 = time.monotonic()
+    rm_dir.mkdir(parents=True, exist_ok=True)
+    with ray_session(cfg):
+        group = reward_group(cfg, spec, math.ceil(total / r.grad_accum))
+        try:
+            with (rm_dir / "train_log.jsonl").open("w") as logf, \
+                    tqdm(total=total, desc="preference model", unit="step") as bar:
+                for epoch in range(r.epochs):
+                    for s in range(steps_per_epoch):
+                        b = train[s * per_step:(s + 1) * per_step]
+                        mb = r.micro_batch_size
+                        stats = group.get([group.submit(k, RewardWorker.train_step,
+                                                        b[k * mb:(k + 1) * mb])
+                                           for k in range(world)])
+                        loss = sum(x.loss for x in stats) / len(stats)
+                        logf.write(json.dumps({"epoch": epoch, "step": stats[0].step,
+                                               "loss": loss}) + "\n")
+                        bar.set_postfix(loss=f"{loss:.3f}")
+                        bar.update(1)
+            metrics = {"held_out": evaluate(score_pairs(group, held, r.score_batch_size), held)
+                       if held else {}, "train_comparisons": len(train), "steps": total}
+            tmp = rm_dir / ".model.tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            group.call_all(RewardWorker.save, str(tmp))
+            tmp.rename(final)
+        finally:
+            group.shutdown()
+    metrics["seconds"] = time.monotonic() - t0
+    (rm_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    ho = metrics["held_out"].get("all", {})
+    log.info("PM: held-out accuracy %s, ECE %s -> %s", ho.get("accuracy"), ho.get("ece"), final)
+    return final
