@@ -46,7 +46,7 @@ $(SMOLLM2): | $(STAMP)
 
 run: setup models
 	$(CAI) validate --config $(CONFIG) > /dev/null
-	$(CAI) sl --config $(CONFIG) --output $(OUTPUT)
+	$(CAI) pipeline --config $(CONFIG) --output $(OUTPUT)
 
 test: setup
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests

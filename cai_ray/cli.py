@@ -7,6 +7,9 @@
     cai-ray models prepare smollm2
     cai-ray sample --config configs/cpu-smollm.yaml --output runs/demo [key=value ...]
     cai-ray sl --config configs/cpu-smollm.yaml --output runs/demo [--prompts F.jsonl]
+    cai-ray label --config configs/cpu-smollm.yaml --output runs/demo [--pairs F.jsonl]
+    cai-ray rm --config configs/cpu-smollm.yaml --output runs/demo [--comparisons F.jsonl]
+    cai-ray pipeline --config configs/cpu-smollm.yaml --output runs/demo
 
 Exit codes: 0 success, 2 invalid input (every problem listed, no traceback), 1 a failure while
 running (one clear line; `--debug` shows the traceback).
@@ -83,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
                    "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
+
+    p = sub.add_parser("pipeline", help="every stage in order (sl → label → rm), each skipped "
+                       "when its finished output exists and resumed when interrupted")
+    _add_run_args(p)
 
     p = sub.add_parser("sample", help="answer red-team prompts with the policy through the "
                        "rollout group (vLLM on Ray)")
@@ -220,9 +227,38 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from cai_ray.config import load_config
+    from cai_ray.resources import PeakRSS
+    from cai_ray.runtime import prepare_run_dir, setup_logging
+    from cai_ray.stages.label import run_label
+    from cai_ray.stages.rm import run_rm
+    from cai_ray.stages.sl import run_generate
+    from cai_ray.stages.sl_train import run_train
+
+    cfg = load_config(args.config, args.overrides)
+    setup_logging(cfg.run.log_level)
+    out = prepare_run_dir(cfg, args.output)
+    stages = [("sl/generate", lambda: run_generate(cfg, out)),
+              ("sl/train", lambda: run_train(cfg, out)),
+              ("label", lambda: run_label(cfg, out)),
+              ("rm", lambda: run_rm(cfg, out))]
+    times = {}
+    with PeakRSS() as mem:
+        for name, fn in stages:
+            t0 = time.monotonic()
+            log.info("=== stage %s ===", name)
+            result = fn()
+            times[name] = time.monotonic() - t0
+            print(f"{name}: {result} ({times[name]:.0f} s)")
+    print(f"pipeline done in {sum(times.values()):.0f} s, peak RSS {mem.peak_gib:.2f} GiB; "
+          f"outputs under {out}")
+    return 0
+
+
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
-            "label": _cmd_label, "rm": _cmd_rm}
+            "label": _cmd_label, "rm": _cmd_rm, "pipeline": _cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,77 @@
+"""Labelling on the tiny model: pairs from the policy, soft labels from the feedback group."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from cai_ray.config import load_config
+from cai_ray.configschema import ValidationError
+from cai_ray.constitution import load_constitution
+from cai_ray.stages.label import run_label
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "cpu-tiny.yaml"
+BASE = ["data.red_team.limit=4", "data.helpful.limit=2", "feedback.batch_size=3",
+        "rollout.sampling.max_new_tokens=8"]
+
+
+@pytest.fixture(scope="module")
+def labelled(ray_local, tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("label")
+    run_label(load_config(TINY, BASE + ["feedback.num_principles=2"]), out)
+    return out
+
+
+def test_comparisons_dataset(labelled: Path) -> None:
+    data = datasets.load_from_disk(str(labelled / "label" / "comparisons"))
+    c = load_constitution(ROOT / "constitutions" / "default.yaml")
+    aspect_of = {p.id: p.aspect for p in c.comparison}
+    assert len(data) == 6 and sorted(set(data["aspect"])) == ["harmless", "helpful"]
+    for row in data:
+        assert 0.0 <= row["p_a"] <= 1.0 and row["method"] == "logprob"
+        assert len(row["principle_ids"]) == 2
+        assert all(aspect_of[p] == row["aspect"] for p in row["principle_ids"])
+        assert row["response_a"] != row["response_b"] and row["labeller"] == "tiny-llama"
+    metrics = json.loads((labelled / "label" / "metrics.json").read_text())
+    assert metrics["comparisons"] == 6 and 0.0 <= metrics["order_disagreement_rate"] <= 1.0
+
+
+def test_cot_labels_are_clamped(ray_local, tiny_model_dir, tmp_path: Path) -> None:
+    run_label(load_config(TINY, BASE + ["feedback.method=cot", "feedback.cot_max_tokens=8",
+                                        "data.helpful.limit=1"]), tmp_path)
+    data = datasets.load_from_disk(str(tmp_path / "label" / "comparisons"))
+    assert set(data["method"]) == {"cot"}
+    assert all(0.4 <= p <= 0.6 for p in data["p_a"])
+
+
+def test_resume_refuses_unknown_principle(labelled: Path, tmp_path: Path) -> None:
+    shutil.copytree(labelled / "label" / "shards", tmp_path / "label" / "shards")
+    shard = tmp_path / "label" / "shards" / "harmless-00000"
+    ds = datasets.load_from_disk(str(shard))
+    rows = ds.to_list()
+    rows[0]["principle_ids"] = ["made-up-principle"]
+    shutil.rmtree(shard)
+    datasets.Dataset.from_list(rows, features=ds.features).save_to_disk(str(shard))
+    with pytest.raises(ValidationError, match="row 0: principle id 'made-up-principle' is not "
+                       "in the constitution"):
+        run_label(load_config(TINY, BASE + ["feedback.num_principles=2"]), tmp_path)
+    assert not (tmp_path / "label" / "comparisons").exists()
+
+
+def test_pairs_file_without_response_b(tmp_path: Path) -> None:
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"prompt": "hi", "response_a": "x", "response_b": "y"}) + "\n" +
+                 json.dumps({"prompt": "hello", "response_a": "x"}) + "\n")
+    p = subprocess.run([sys.executable, "-m", "cai_ray.cli", "label", "--config", str(TINY),
+                        "--output", str(tmp_path / "out"), "--pairs", str(f)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"{f}: line 2: missing or empty response_b" in p.stderr
+    assert not (tmp_path / "out" / "label").exists()
