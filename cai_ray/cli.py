@@ -21,7 +21,9 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cai_ray.configschema import ValidationError
 
@@ -167,93 +169,76 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sl(args: argparse.Namespace) -> int:
+Stage = tuple[str, Callable[[], object]]
+
+
+def _run_stages(args: argparse.Namespace, build: Callable[[Any, Path], list[Stage]],
+                precheck: Callable[[], object] | None = None) -> int:
+    """Load and check everything, then run the stages in one Ray session, timing each and
+    reporting the peak RSS of the whole process tree (driver + Ray workers)."""
     from cai_ray.config import load_config
     from cai_ray.resources import PeakRSS
-    from cai_ray.runtime import prepare_run_dir, setup_logging
-    from cai_ray.stages.sl import check_prompt_file, run_generate
-    from cai_ray.stages.sl_train import run_train
+    from cai_ray.runtime import prepare_run_dir, ray_session, setup_logging
 
     cfg = load_config(args.config, args.overrides)
-    if args.prompts:
-        check_prompt_file(args.prompts)
+    if precheck is not None:
+        precheck()  # bad input files are reported before anything starts
     setup_logging(cfg.run.log_level)
     out = prepare_run_dir(cfg, args.output)
-    t0 = time.monotonic()
-    with PeakRSS() as mem:
-        if args.step in (None, "generate"):
-            print(f"SL-CAI data: {run_generate(cfg, out, args.prompts)}")
-        if args.step in (None, "train"):
-            print(f"SL-CAI model: {run_train(cfg, out)}")
-    print(f"SL-CAI done in {time.monotonic() - t0:.0f} s, peak RSS {mem.peak_gib:.2f} GiB "
-          "(driver + Ray workers)")
-    return 0
-
-
-def _cmd_label(args: argparse.Namespace) -> int:
-    from cai_ray.config import load_config
-    from cai_ray.resources import PeakRSS
-    from cai_ray.runtime import prepare_run_dir, setup_logging
-    from cai_ray.stages.label import read_pairs_file, run_label
-
-    cfg = load_config(args.config, args.overrides)
-    if args.pairs:
-        read_pairs_file(args.pairs)  # every bad line reported before anything starts
-    setup_logging(cfg.run.log_level)
-    out = prepare_run_dir(cfg, args.output)
-    with PeakRSS() as mem:
-        path = run_label(cfg, out, args.pairs)
-    print(f"comparisons: {path} (peak RSS {mem.peak_gib:.2f} GiB)")
-    return 0
-
-
-def _cmd_rm(args: argparse.Namespace) -> int:
-    from pathlib import Path as _P
-
-    from cai_ray.config import load_config
-    from cai_ray.resources import PeakRSS
-    from cai_ray.runtime import prepare_run_dir, setup_logging
-    from cai_ray.stages.rm import read_comparisons, run_rm
-
-    cfg = load_config(args.config, args.overrides)
-    if args.comparisons:
-        read_comparisons(_P(args.comparisons), args.comparisons)  # bad rows before anything
-    setup_logging(cfg.run.log_level)
-    out = prepare_run_dir(cfg, args.output)
-    with PeakRSS() as mem:
-        path = run_rm(cfg, out, args.comparisons)
-    print(f"preference model: {path} (metrics in {out / 'rm' / 'metrics.json'}; peak RSS "
-          f"{mem.peak_gib:.2f} GiB)")
-    return 0
-
-
-def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from cai_ray.config import load_config
-    from cai_ray.resources import PeakRSS
-    from cai_ray.runtime import prepare_run_dir, setup_logging
-    from cai_ray.stages.label import run_label
-    from cai_ray.stages.rm import run_rm
-    from cai_ray.stages.sl import run_generate
-    from cai_ray.stages.sl_train import run_train
-
-    cfg = load_config(args.config, args.overrides)
-    setup_logging(cfg.run.log_level)
-    out = prepare_run_dir(cfg, args.output)
-    stages = [("sl/generate", lambda: run_generate(cfg, out)),
-              ("sl/train", lambda: run_train(cfg, out)),
-              ("label", lambda: run_label(cfg, out)),
-              ("rm", lambda: run_rm(cfg, out))]
     times = {}
-    with PeakRSS() as mem:
-        for name, fn in stages:
+    with PeakRSS() as mem, ray_session(cfg):
+        for name, fn in build(cfg, out):
             t0 = time.monotonic()
             log.info("=== stage %s ===", name)
             result = fn()
             times[name] = time.monotonic() - t0
             print(f"{name}: {result} ({times[name]:.0f} s)")
-    print(f"pipeline done in {sum(times.values()):.0f} s, peak RSS {mem.peak_gib:.2f} GiB; "
-          f"outputs under {out}")
+    print(f"done in {sum(times.values()):.0f} s, peak RSS {mem.peak_gib:.2f} GiB; outputs "
+          f"under {out}")
     return 0
+
+
+def _cmd_sl(args: argparse.Namespace) -> int:
+    from cai_ray.stages.sl import check_prompt_file, run_generate
+    from cai_ray.stages.sl_train import run_train
+
+    def build(cfg: Any, out: Path) -> list[Stage]:
+        stages: list[Stage] = []
+        if args.step in (None, "generate"):
+            stages.append(("sl/generate", lambda: run_generate(cfg, out, args.prompts)))
+        if args.step in (None, "train"):
+            stages.append(("sl/train", lambda: run_train(cfg, out)))
+        return stages
+
+    return _run_stages(args, build,
+                       (lambda: check_prompt_file(args.prompts)) if args.prompts else None)
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from cai_ray.stages.label import read_pairs_file, run_label
+
+    return _run_stages(args, lambda cfg, out: [("label", lambda: run_label(cfg, out,
+                                                                          args.pairs))],
+                       (lambda: read_pairs_file(args.pairs)) if args.pairs else None)
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from cai_ray.stages.rm import read_comparisons, run_rm
+
+    src = args.comparisons
+    return _run_stages(args, lambda cfg, out: [("rm", lambda: run_rm(cfg, out, src))],
+                       (lambda: read_comparisons(Path(src), src)) if src else None)
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from cai_ray.stages.label import run_label
+    from cai_ray.stages.rm import run_rm
+    from cai_ray.stages.sl import run_generate
+    from cai_ray.stages.sl_train import run_train
+
+    return _run_stages(args, lambda cfg, out: [
+        ("sl/generate", lambda: run_generate(cfg, out)), ("sl/train", lambda: run_train(cfg, out)),
+        ("label", lambda: run_label(cfg, out)), ("rm", lambda: run_rm(cfg, out))])
 
 
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,

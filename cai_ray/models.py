@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cai_ray.config import ModelSpec
 from cai_ray.configschema import Problem
@@ -214,4 +214,4 @@ def load_causal_lm(spec: ModelSpec, dtype: str | None = None, device: str = "cpu
     model = AutoModelForCausalLM.from_pretrained(resolve(spec), revision=spec.revision,
                                                  dtype=torch_dtype,
                                                  trust_remote_code=spec.trust_remote_code)
-    return model.to(device)
+    return cast(Any, model).to(device)

@@ -17,10 +17,11 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cai_ray.actors.group import Worker, WorkerContext
+from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
 from cai_ray.algorithms.masked import selected_token_logprobs
 from cai_ray.config import ModelSpec, TrainerConfig
 from cai_ray.messages import SFTSample, TrainStats
@@ -98,6 +99,15 @@ class DistributedWorker(Worker):
         if backend == "auto":
             backend = "nccl" if self.device == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
+
+
+def start_ranks(group: ActorGroup[Any], setup: Callable[..., int], total_steps: int,
+                timeout_s: float) -> None:
+    """Ask rank 0 for a rendezvous address, then run `setup` on every rank at once (each
+    blocks in init_process_group until all have joined)."""
+    host, port = group.call(0, DistributedWorker.address)
+    group.get([group.submit(r, setup, host, port, total_steps)
+               for r in range(group.num_actors)], timeout=timeout_s)
 
 
 class TrainerWorker(DistributedWorker):

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from cai_ray.actors.group import ActorGroup
 from cai_ray.actors.reward import RewardWorker
+from cai_ray.actors.trainer import start_ranks
 from cai_ray.algorithms.preference import accuracy, bt_probability, reliability
 from cai_ray.config import Config, ModelSpec
 from cai_ray.configschema import Problem, ValidationError
@@ -138,9 +139,7 @@ def reward_group(cfg: Config, spec: ModelSpec, total_steps: int | None
         if total_steps is None:
             group.call_all(RewardWorker.load_for_scoring)
         else:
-            host, port = group.call(0, RewardWorker.address)
-            group.get([group.submit(k, RewardWorker.setup, host, port, total_steps)
-                       for k in range(group.num_actors)], timeout=cfg.run.startup_timeout_s)
+            start_ranks(group, RewardWorker.setup, total_steps, cfg.run.startup_timeout_s)
     except BaseException:
         group.shutdown()
         raise

@@ -19,7 +19,7 @@ import datasets
 from tqdm import tqdm
 
 from cai_ray.actors.group import ActorGroup
-from cai_ray.actors.trainer import TrainerWorker
+from cai_ray.actors.trainer import TrainerWorker, start_ranks
 from cai_ray.config import Config, ModelSpec
 from cai_ray.messages import SFTSample
 from cai_ray.runtime import device_of, ray_session
@@ -36,9 +36,7 @@ def trainer_group(cfg: Config, model: ModelSpec, total_steps: int) -> ActorGroup
                        startup_timeout_s=cfg.run.startup_timeout_s, env_vars=env,
                        strategy=cfg.placement.strategy)
     try:
-        host, port = group.call(0, TrainerWorker.address)
-        group.get([group.submit(r, TrainerWorker.setup, host, port, total_steps)
-                   for r in range(group.num_actors)], timeout=cfg.run.startup_timeout_s)
+        start_ranks(group, TrainerWorker.setup, total_steps, cfg.run.startup_timeout_s)
     except BaseException:
         group.shutdown()
         raise
