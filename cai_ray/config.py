@@ -123,8 +123,9 @@ class RewardConfig:
     epochs: int = option(1, "passes over the comparisons (paper: 1)", positive)
     micro_batch_size: int = option(4, "comparisons per micro-batch per rank", positive)
     grad_accum: int = option(1, "micro-batches per optimizer step", positive)
-    helpful_fraction: float = option(0.5, "share of helpfulness comparisons in the PM mix",
-                                     in_range(0.0, 1.0))
+    helpful_fraction: float | None = option(
+        None, "share of helpfulness comparisons in the PM mix (the larger aspect is subsampled "
+        "to reach it); null = use every comparison", in_range(0.0, 1.0))
     eval_fraction: float = option(0.1, "held-out share for accuracy and calibration",
                                   in_range(0.0, 1.0, hi_open=True))
     score_batch_size: int = option(16, "responses per scoring call in PPO", positive)
@@ -227,6 +228,9 @@ class DataConfig:
     red_team: SourceConfig = option(factory=SourceConfig, help="red-team prompts")
     helpful: SourceConfig = option(factory=lambda: SourceConfig(name="mtbench"),
                                    help="helpfulness prompts")
+    helpful_pairs: SourceConfig | None = option(
+        None, "human helpfulness comparisons (chosen/rejected columns, e.g. hh-rlhf "
+        "helpful-base) used instead of AI-labelled helpfulness pairs")
     on_bad_row: Literal["error", "skip"] = option("error", "stop at a bad row, or skip and count")
     shuffle_seed: int = option(0, "seed of the deterministic shuffle")
 

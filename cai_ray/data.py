@@ -284,6 +284,11 @@ def _parse_plain(value: Any) -> list[ChatMessage]:
 def _parse_hh(value: Any) -> list[ChatMessage]:
     """A "Human: ... Assistant: ..." transcript, kept up to and including its last Human turn
     (red-team transcripts hold whole conversations; the policy answers the last human turn)."""
+    return _end_on_user(_hh_turns(value))
+
+
+def _hh_turns(value: Any) -> list[ChatMessage]:
+    """Every turn of a "Human: ... Assistant: ..." transcript."""
     if not isinstance(value, str):
         raise ValueError(f"expected a transcript string, got {_show(value)}")
     parts = _TURN.split("\n\n" + value.lstrip())
@@ -299,7 +304,7 @@ def _parse_hh(value: Any) -> list[ChatMessage]:
             turns[-1] = {"role": role, "content": f"{turns[-1]['content']}\n\n{text.strip()}"}
         else:
             turns.append({"role": role, "content": text.strip()})
-    return _end_on_user(turns)
+    return turns
 
 
 def _parse_messages(value: Any) -> list[ChatMessage]:
@@ -393,6 +398,43 @@ def load_prompts(src: SourceConfig, on_bad_row: Literal["error", "skip"] = "erro
     ids, messages = good_ids[:src.limit], good_messages[:src.limit]
     columns = {"id": ids, "messages": messages, "source": [src.name] * len(ids)}
     return datasets.Dataset.from_dict(columns, features=_FEATURES), len(bad)
+
+
+# --- preference pairs ---------------------------------------------------------------------------
+
+PreferencePair = tuple[str, list[ChatMessage], str, str]  # (id, conversation, chosen, rejected)
+
+
+def _pair(row: dict[str, Any]) -> tuple[list[ChatMessage], str, str]:
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise ValueError("needs string columns 'chosen' and 'rejected'")
+    if isinstance(row.get("prompt"), str) and "\n\nHuman:" not in chosen:
+        return _parse_plain(row["prompt"]), chosen.strip(), rejected.strip()
+    c, r = _hh_turns(chosen), _hh_turns(rejected)
+    if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        raise ValueError("chosen and rejected transcripts must end on an Assistant turn")
+    return _end_on_user(c[:-1]), c[-1]["content"], r[-1]["content"]
+
+
+def load_preference_pairs(src: SourceConfig) -> list[PreferencePair]:
+    """Human preference data (`chosen`/`rejected`, with a `prompt` column or as Human/Assistant
+    transcripts sharing their context, as in hh-rlhf); every bad row is named at once."""
+    table = _read(src)
+    names = set(table.names)
+    cols = [c for c in ("prompt", "chosen", "rejected") if c in names]
+    values = {c: table.column(c) for c in cols}
+    out, bad = [], list(table.problems)
+    for i, row in enumerate(table.rows):
+        try:
+            msgs, a, b = _pair({c: values[c][i] for c in cols})
+            out.append((f"{src.name}:{row}", msgs, a, b))
+        except ValueError as e:
+            bad.append((row, Problem(table.where(row), str(e), table.origin)))
+    if bad or not out:
+        raise DataError([p for _, p in bad[:_MAX_LISTED]] or
+                        [Problem("rows", "no preference pairs", table.origin)])
+    return out[:src.limit]
 
 
 # --- resumable stream ---------------------------------------------------------------------------

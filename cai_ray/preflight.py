@@ -61,4 +61,6 @@ def check_environment(cfg: Config, source_of: Callable[[str], str | None] = lamb
             problems += check_model(spec, path)
     problems += check_source(cfg.data.red_team, "data.red_team")
     problems += check_source(cfg.data.helpful, "data.helpful")
+    if cfg.data.helpful_pairs is not None:
+        problems += check_source(cfg.data.helpful_pairs, "data.helpful_pairs")
     return [p if p.source else Problem(p.path, p.message, source_of(p.path)) for p in problems]

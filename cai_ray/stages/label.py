@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,33 +149,52 @@ def policy_spec(cfg: Config, out_dir: Path) -> ModelSpec:
     return cfg.model
 
 
-Shard = tuple[str, str, list[Prompt], list[tuple[str, str]] | None]
+@dataclass
+class Shard:
+    name: str
+    aspect: str  # "harmless" | "helpful"
+    prompts: list[Prompt]
+    pairs: list[tuple[str, str]] | None = None  # given pairs; None = sample from the policy
+    human: bool = False  # pairs are (chosen, rejected) human labels: p_a = 1, no judging
 
 
 def plan(cfg: Config, constitution: Constitution, pairs_file: str | None = None) -> list[Shard]:
-    """(shard name, aspect, prompts, given pairs or None): red-team prompts judged for
-    harmlessness, helpfulness prompts for helpfulness (when the constitution has helpfulness
-    principles); or the user's pairs from `pairs_file`, judged for harmlessness."""
-    from cai_ray.data import PromptStream, load_prompts
+    """Red-team prompts judged for harmlessness; helpfulness from human chosen/rejected pairs
+    (`data.helpful_pairs`) or AI-judged helpfulness prompts (when the constitution has
+    helpfulness principles); or the user's pairs from `pairs_file`, judged for harmlessness."""
+    from cai_ray.data import PromptStream, load_preference_pairs, load_prompts
 
     size = cfg.feedback.batch_size
+
+    def cut(aspect: str, prompts: list[Prompt], pairs: list[tuple[str, str]] | None = None,
+            human: bool = False) -> list[Shard]:
+        return [Shard(f"{aspect}{'-human' if human else ''}-{i // size:05d}", aspect,
+                      prompts[i:i + size], pairs[i:i + size] if pairs else None, human)
+                for i in range(0, len(prompts), size)]
+
     if pairs_file:
         rows = read_pairs_file(pairs_file)
         prompts = [Prompt(f"pairs:{i}", [{"role": "user", "content": r["prompt"]}], pairs_file)
                    for i, r in enumerate(rows)]
-        given = [(r["response_a"], r["response_b"]) for r in rows]
-        return [(f"harmless-{i // size:05d}", "harmless", prompts[i:i + size],
-                 given[i:i + size]) for i in range(0, len(rows), size)]
-    out: list[Shard] = []
-    sources = [("harmless", cfg.data.red_team)]
-    if constitution.principles("helpful"):
-        sources.append(("helpful", cfg.data.helpful))
-    for aspect, src in sources:
-        ds, _ = load_prompts(src, cfg.data.on_bad_row)
-        prompts = PromptStream(ds, seed=cfg.data.shuffle_seed + 1).take(len(ds))
-        out += [(f"{aspect}-{i // size:05d}", aspect, prompts[i:i + size], None)
-                for i in range(0, len(prompts), size)]
+        return cut("harmless", prompts, [(r["response_a"], r["response_b"]) for r in rows])
+    ds, _ = load_prompts(cfg.data.red_team, cfg.data.on_bad_row)
+    out = cut("harmless", PromptStream(ds, seed=cfg.data.shuffle_seed + 1).take(len(ds)))
+    if cfg.data.helpful_pairs is not None:
+        human = load_preference_pairs(cfg.data.helpful_pairs)
+        prompts = [Prompt(pid, msgs, cfg.data.helpful_pairs.name) for pid, msgs, _, _ in human]
+        out += cut("helpful", prompts, [(a, b) for _, _, a, b in human], human=True)
+    elif constitution.principles("helpful"):
+        ds, _ = load_prompts(cfg.data.helpful, cfg.data.on_bad_row)
+        out += cut("helpful", PromptStream(ds, seed=cfg.data.shuffle_seed + 1).take(len(ds)))
     return out
+
+
+def human_rows(shard: Shard, labeller: str) -> list[dict[str, Any]]:
+    assert shard.pairs is not None
+    return [{"id": p.id, "prompt_id": p.id, "prompt": p.text, "messages": p.messages,
+             "response_a": a, "response_b": b, "p_a": 1.0, "principle_ids": [],
+             "order_disagreement": False, "method": "human", "aspect": shard.aspect,
+             "labeller": labeller} for p, (a, b) in zip(shard.prompts, shard.pairs, strict=True)]
 
 
 def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path:
@@ -191,9 +211,9 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
         return [Problem(f"row {i}", f"principle id {pid!r} is not in the constitution", src)
                 for i, ids in enumerate(ds["principle_ids"]) for pid in ids if pid not in known]
 
-    flat = [(name, prompts) for name, _, prompts, _ in shards]
+    flat = [(sh.name, sh.prompts) for sh in shards]
     done = store.verify(flat, check)
-    todo = [s for s in shards if s[0] not in done]
+    todo = [sh for sh in shards if sh.name not in done]
     policy = policy_spec(cfg, out_dir)
     labeller = (cfg.feedback.model or cfg.model).path
     log.info("labelling: %d shards planned, %d complete; policy %s, labeller %s", len(shards),
@@ -201,20 +221,25 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
     t0, pairs_done = time.monotonic(), 0
     if todo:
         lab = Labeller(cfg, constitution)
-        need_pairs = any(given is None for *_, given in todo)
+        need_pairs = any(sh.pairs is None for sh in todo)
         with ray_session(cfg):
             rollout = rollout_group(cfg, policy) if need_pairs else None
             fb: ActorGroup[FeedbackWorker] | None = None
             try:
                 fb = feedback_group(cfg)
-                with tqdm(total=sum(len(s[2]) for s in todo), desc="AI feedback",
+                with tqdm(total=sum(len(sh.prompts) for sh in todo), desc="AI feedback",
                           unit="pair") as bar:
-                    for name, aspect, prompts, given in todo:
-                        pairs = given if given is not None else sample_pairs(
-                            rollout, cfg, prompts)  # type: ignore[arg-type]
-                        store.write(name, label_shard(lab, fb, prompts, pairs, aspect, labeller))
-                        pairs_done += len(prompts)
-                        bar.update(len(prompts))
+                    for sh in todo:
+                        if sh.human:
+                            rows = human_rows(sh, cfg.data.helpful_pairs.name
+                                              if cfg.data.helpful_pairs else "human")
+                        else:
+                            pairs = sh.pairs if sh.pairs is not None else sample_pairs(
+                                rollout, cfg, sh.prompts)  # type: ignore[arg-type]
+                            rows = label_shard(lab, fb, sh.prompts, pairs, sh.aspect, labeller)
+                        store.write(sh.name, rows)
+                        pairs_done += len(sh.prompts)
+                        bar.update(len(sh.prompts))
             finally:
                 for g in (rollout, fb):
                     if g is not None:

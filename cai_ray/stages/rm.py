@@ -79,8 +79,8 @@ def read_comparisons(path: Path, origin: str) -> list[Comparison]:
     return out
 
 
-def mix_and_split(comps: list[Comparison], helpful_fraction: float, eval_fraction: float,
-                  seed: int) -> tuple[list[Comparison], list[Comparison]]:
+def mix_and_split(comps: list[Comparison], helpful_fraction: float | None,
+                  eval_fraction: float, seed: int) -> tuple[list[Comparison], list[Comparison]]:
     """Subsample the larger aspect so helpfulness makes up `helpful_fraction` (as far as the
     data allows), shuffle with `seed`, and hold out `eval_fraction` of each aspect."""
     rng = random.Random(seed)
@@ -88,7 +88,9 @@ def mix_and_split(comps: list[Comparison], helpful_fraction: float, eval_fractio
     help_ = [c for c in comps if c.aspect == "helpful"]
     rng.shuffle(harm)
     rng.shuffle(help_)
-    if harm and help_ and 0 < helpful_fraction < 1:
+    if helpful_fraction is None:
+        pass
+    elif harm and help_ and 0 < helpful_fraction < 1:
         want_help = round(len(harm) * helpful_fraction / (1 - helpful_fraction))
         if want_help <= len(help_):
             help_ = help_[:want_help]

@@ -25,7 +25,11 @@ BASE = ["data.red_team.limit=4", "data.helpful.limit=2", "feedback.batch_size=3"
 @pytest.fixture(scope="module")
 def labelled(ray_local, tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("label")
-    run_label(load_config(TINY, BASE + ["feedback.num_principles=2"]), out)
+    human = out / "helpful_pairs.jsonl"
+    human.write_text("\n".join(json.dumps({"prompt": f"Name a fruit ({i})", "chosen": "Apple.",
+                                           "rejected": "No."}) for i in range(2)))
+    run_label(load_config(TINY, BASE + ["feedback.num_principles=2",
+                                        f"data.helpful_pairs.name={human}"]), out)
     return out
 
 
@@ -34,7 +38,10 @@ def test_comparisons_dataset(labelled: Path) -> None:
     c = load_constitution(ROOT / "constitutions" / "default.yaml")
     aspect_of = {p.id: p.aspect for p in c.comparison}
     assert len(data) == 6 and sorted(set(data["aspect"])) == ["harmless", "helpful"]
-    for row in data:
+    human = [r for r in data if r["method"] == "human"]
+    assert len(human) == 2 and all(r["aspect"] == "helpful" and r["p_a"] == 1.0 and
+                                   r["response_a"] == "Apple." for r in human)
+    for row in (r for r in data if r["method"] != "human"):
         assert 0.0 <= row["p_a"] <= 1.0 and row["method"] == "logprob"
         assert len(row["principle_ids"]) == 2
         assert all(aspect_of[p] == row["aspect"] for p in row["principle_ids"])

@@ -291,3 +291,28 @@ def test_empty_shard_raises(tmp_path: Path) -> None:
     assert ids(PromptStream(one, seed=0), 3) == [f"{tmp_path / 'p.jsonl'}:0"] * 3
     with pytest.raises(ValueError, match="shard 1 of 2 is empty"):
         PromptStream(one, seed=0, rank=1, world_size=2).take(1)
+
+
+def test_preference_pairs_from_transcripts_and_prompt_columns(tmp_path) -> None:
+    import json as _json
+
+    from cai_ray.data import load_preference_pairs
+
+    f = tmp_path / "hh.jsonl"
+    rows = [{"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke"
+                       "\n\nAssistant: Why did the chicken cross the road?",
+             "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke"
+                         "\n\nAssistant: No."},
+            {"prompt": "Name a colour", "chosen": "Blue.", "rejected": "I won't."},
+            {"chosen": "\n\nHuman: Only a question"}]
+    f.write_text("\n".join(_json.dumps(r) for r in rows[:2]))
+    pairs = load_preference_pairs(SourceConfig(name=str(f)))
+    (pid, msgs, a, b), (_, msgs2, a2, b2) = pairs
+    assert pid == f"{f}:0" and [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[-1]["content"] == "Tell me a joke" and a.startswith("Why") and b == "No."
+    assert msgs2 == [{"role": "user", "content": "Name a colour"}] and (a2, b2) == ("Blue.",
+                                                                                 "I won't.")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(_json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match="line 3: needs string columns 'chosen' and 'rejected'"):
+        load_preference_pairs(SourceConfig(name=str(bad)))
