@@ -53,9 +53,13 @@ def queries(n: int, k: int, position: str, both: bool) -> list[JudgeQuery]:
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, repeats: int, before=None) -> tuple[float, object]:
+    """Median time of `repeats` calls; `before` runs untimed ahead of each (a cache reset, so
+    every repeat starts cold)."""
     times, out = [], None
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.monotonic()
         out = fn()
         times.append(time.monotonic() - t0)
@@ -64,7 +68,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def local_judge(args, prefix_caching: bool = True) -> ActorGroup[FeedbackWorker]:
     engine = EngineConfig(dtype=args.dtype, max_model_len=2048, kv_cache_gib=2,
-                          enable_prefix_caching=prefix_caching)
+                          enable_prefix_caching=prefix_caching, block_size=args.block_size)
     return ActorGroup("feedback", FeedbackWorker, RoleResources(threads=args.threads),
                       local=True, init_args=(ModelSpec(path=args.model), engine, "cpu", 0, True),
                       env_vars=vllm_env(engine, "cpu", args.threads))
@@ -75,15 +79,17 @@ def bench_a(args, res: dict) -> None:
     import ray
 
     qs = queries(args.pairs, 1, "before", True)
-    engine = EngineConfig(dtype=args.dtype, max_model_len=2048, kv_cache_gib=2)
+    engine = EngineConfig(dtype=args.dtype, max_model_len=2048, kv_cache_gib=2,
+                          block_size=args.block_size)
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     g = ActorGroup("feedback", FeedbackWorker, RoleResources(num_cpus=1, threads=args.threads),
                    init_args=(ModelSpec(path=args.model), engine, "cpu", 0, True),
                    env_vars=vllm_env(engine, "cpu", args.threads))
     g.call(0, FeedbackWorker.choice_probs, qs[:2])
-    # Prefix caching is on in both paths; the warm-up pass fills it equally for both.
-    ours, _ = timed(lambda: g.call(0, FeedbackWorker.choice_probs, qs), args.repeats)
+    # Prefix caching is on in both paths, and both start every repeat with an empty cache.
+    ours, _ = timed(lambda: g.call(0, FeedbackWorker.choice_probs, qs), args.repeats,
+                    lambda: g.call(0, FeedbackWorker.reset_prefix_cache))
     g.shutdown()
     ray.shutdown()
     j = local_judge(args)
@@ -93,7 +99,8 @@ def bench_a(args, res: dict) -> None:
     ctx = [TokensPrompt(prompt_token_ids=inst.choice_tokens(inst.context_text(q))[0]) for q in qs]
     sp = SamplingParams(max_tokens=1, temperature=0.0)
     inst.llm.generate(ctx[:2], sp, use_tqdm=False)
-    raw, _ = timed(lambda: inst.llm.generate(ctx, sp, use_tqdm=False), args.repeats)
+    raw, _ = timed(lambda: inst.llm.generate(ctx, sp, use_tqdm=False), args.repeats,
+                   inst.llm.reset_prefix_cache)
     res["a"] = {"ours_pairs_per_s": args.pairs / ours, "raw_prefill_pairs_per_s":
                 args.pairs / raw, "ratio": raw / ours}
     print(f"(a) labelling {args.pairs / ours:.2f} pairs/s vs raw prefill {args.pairs / raw:.2f}"
@@ -130,9 +137,9 @@ def bench_rest(args, res: dict, j) -> None:
     inst = j._actors[0].instance
 
     def run(qs):
-        inst.llm.reset_prefix_cache()  # every variant starts cold, so caching shows within it
         return j.call(0, FeedbackWorker.choice_probs, qs)
 
+    cold = inst.llm.reset_prefix_cache  # every repeat starts cold: caching shows within it
     ta, tb = option_passes(j, one, args.repeats)
     jo = local_judge(args, prefix_caching=False)
     ta0, tb0 = option_passes(jo, one, args.repeats)
@@ -140,8 +147,8 @@ def bench_rest(args, res: dict, j) -> None:
     res["b"] = {"cached_second_over_first": tb / ta, "uncached_second_over_first": tb0 / ta0}
     print(f"(b) second option / first: {tb / ta:.2f} with prefix caching, {tb0 / ta0:.2f} "
           "without (target <= 0.2 with); our labeller: one request per judgement", flush=True)
-    t_one, _ = timed(lambda: run(one), args.repeats)
-    t_both, p_both = timed(lambda: run(both), args.repeats)
+    t_one, _ = timed(lambda: run(one), args.repeats, cold)
+    t_both, p_both = timed(lambda: run(both), args.repeats, cold)
     res["c"] = {"both_over_one": t_both / t_one}
     print(f"(c) both orders / one order: {t_both / t_one:.2f}x time (expect ~1.8)", flush=True)
     res["d"] = {}
@@ -149,7 +156,7 @@ def bench_rest(args, res: dict, j) -> None:
         for k in (1, 4, 16):
             n = max(4, args.pairs // k)
             qk = queries(n, k, pos, True)
-            t, _ = timed(lambda qk=qk: run(qk), 1)
+            t, _ = timed(lambda qk=qk: run(qk), 1, cold)
             res["d"][f"{pos}_k{k}"] = n / t
             print(f"(d) principle {pos:6s} K={k:2d}: {n / t:.2f} pairs/s", flush=True)
     for k in (4, 16):
@@ -166,8 +173,8 @@ def bench_e(args, res, j, qs, p_ours, t_ours) -> None:
     ctx = [TokensPrompt(prompt_token_ids=inst.tokenizer.encode(
         inst.context_text(q) + " (", add_special_tokens=False)) for q in qs]
     sp = SamplingParams(max_tokens=1, temperature=0.0)
-    inst.llm.reset_prefix_cache()
-    t, outs = timed(lambda: inst.llm.generate(ctx, sp, use_tqdm=False), args.repeats)
+    t, outs = timed(lambda: inst.llm.generate(ctx, sp, use_tqdm=False), args.repeats,
+                    inst.llm.reset_prefix_cache)
     letters = [o.outputs[0].text.strip()[:1] for o in outs]
     parsed = [x for x in letters if x in ("A", "B")]
     agree = sum((lt == "A") == (p > 0.5) for lt, p in zip(letters, p_ours, strict=True)
@@ -187,6 +194,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--block-size", type=int, default=32, help="KV block size: prefix caching "
+                    "reuses whole blocks only, so smaller blocks recompute less of a shared "
+                    "prefix (CPU: a multiple of 32)")
     ap.add_argument("--json")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

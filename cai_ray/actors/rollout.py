@@ -151,6 +151,10 @@ class RolloutWorker(Worker):
                                                         strict=True)]
                 for x, out in zip(token_ids, outs, strict=True)]
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes (after new weights; and so benchmarks start cold)."""
+        self.llm.reset_prefix_cache()
+
     def update_weights(self, version: int, weights: list[tuple[str, Any]] | None = None,
                        path: str | None = None) -> int:
         """Load new policy weights (named tensors, or a save_pretrained directory) into the
@@ -159,7 +163,7 @@ class RolloutWorker(Worker):
             raise ValueError("pass exactly one of `weights` or `path`")
         kwargs = {"weights_iterator": weights} if weights is not None else {"weights_path": path}
         self.llm.collective_rpc("reload_weights", kwargs=kwargs)
-        self.llm.reset_prefix_cache()
+        self.reset_prefix_cache()
         self.weight_version = version
         return version
 
