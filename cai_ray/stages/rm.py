@@ -32,6 +32,7 @@ from cai_ray.config import Config, ModelSpec
 from cai_ray.configschema import Problem, ValidationError
 from cai_ray.messages import Comparison
 from cai_ray.runtime import device_of, ray_session
+from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,8 @@ def run_rm(cfg: Config, out_dir: Path, comparisons: str | None = None) -> Path:
     with ray_session(cfg):
         group = reward_group(cfg, spec, math.ceil(total / r.grad_accum))
         try:
-            with (rm_dir / "train_log.jsonl").open("w") as logf, \
-                    tqdm(total=total, desc="preference model", unit="step") as bar:
+            tracker = Tracker(cfg.tracking, f"{cfg.run.name}-rm", rm_dir, cfg.to_dict())
+            with tqdm(total=total, desc="preference model", unit="step") as bar:
                 for epoch in range(r.epochs):
                     for s in range(steps_per_epoch):
                         b = train[s * per_step:(s + 1) * per_step]
@@ -197,12 +198,15 @@ def run_rm(cfg: Config, out_dir: Path, comparisons: str | None = None) -> Path:
                                                         b[k * mb:(k + 1) * mb])
                                            for k in range(world)])
                         loss = sum(x.loss for x in stats) / len(stats)
-                        logf.write(json.dumps({"epoch": epoch, "step": stats[0].step,
-                                               "loss": loss}) + "\n")
+                        tracker.log({"pm/loss": loss, "pm/epoch": epoch}, step=stats[0].step)
                         bar.set_postfix(loss=f"{loss:.3f}")
                         bar.update(1)
             metrics = {"held_out": evaluate(score_pairs(group, held, r.score_batch_size), held)
                        if held else {}, "train_comparisons": len(train), "steps": total}
+            for aspect, m in metrics["held_out"].items():
+                tracker.log({f"pm/{aspect}/accuracy": m["accuracy"], f"pm/{aspect}/ece": m["ece"]},
+                            step=total)
+            tracker.close()
             tmp = rm_dir / ".model.tmp"
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -1,7 +1,7 @@
 """SL-CAI, training: supervised finetuning of the policy on the revisions (DeepSpeed trainer group).
 
 Reads `DIR/sl/train`, trains `sl.epochs` epochs (paper: 1, constant LR), logs the loss of every
-step to `DIR/sl/train_log.jsonl` and a progress bar, measures the loss on a fixed subset before
+step to `DIR/sl/metrics.jsonl` (and W&B) and a progress bar, measures the loss on a fixed subset before
 and after, and saves `DIR/sl/model` in save_pretrained format (written aside, then renamed).
 """
 
@@ -23,6 +23,7 @@ from cai_ray.actors.trainer import TrainerWorker, start_ranks
 from cai_ray.config import Config, ModelSpec
 from cai_ray.messages import SFTSample
 from cai_ray.runtime import device_of, ray_session
+from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ def run_train(cfg: Config, out_dir: Path) -> Path:
         group = trainer_group(cfg, cfg.model, optimizer_steps)
         try:
             before = group.call_all(TrainerWorker.eval_sft, _samples(ds, probe))[0]
-            with (sl_dir / "train_log.jsonl").open("w", encoding="utf-8") as logf, \
-                    tqdm(total=total, desc="SL-CAI finetuning", unit="step") as bar:
+            tracker = Tracker(cfg.tracking, f"{cfg.run.name}-sl", sl_dir, cfg.to_dict())
+            with tqdm(total=total, desc="SL-CAI finetuning", unit="step") as bar:
                 for epoch in range(cfg.sl.epochs):
                     order = list(range(len(ds)))
                     random.Random(cfg.run.seed * 1000 + epoch).shuffle(order)
@@ -91,10 +92,14 @@ def run_train(cfg: Config, out_dir: Path) -> Path:
                                "tokens": sum(st.tokens for st in stats), "lr": stats[0].lr,
                                "grad_norm": stats[0].grad_norm,
                                "seconds": max(st.seconds for st in stats)}
-                        logf.write(json.dumps(rec) + "\n")
+                        tracker.log({f"sft/{k}": v for k, v in rec.items()
+                                     if v is not None}, step=rec["step"])
                         bar.set_postfix(loss=f"{loss:.3f}")
                         bar.update(1)
             after = group.call_all(TrainerWorker.eval_sft, _samples(ds, probe))[0]
+            tracker.log({"sft/probe_loss_before": before, "sft/probe_loss_after": after},
+                        step=total)
+            tracker.close()
             tmp = sl_dir / ".model.tmp"
             if tmp.exists():
                 shutil.rmtree(tmp)

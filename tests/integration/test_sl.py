@@ -146,8 +146,9 @@ def test_sft_learns_and_checkpoint_matches_in_vllm(sl_run: Path, tiny_model_dir)
     model_dir = run_train(cfg, sl_run)
     metrics = json.loads((sl_run / "sl" / "train_metrics.json").read_text())
     assert metrics["loss_after"] < metrics["loss_before"] - 0.1
-    log = [json.loads(x) for x in (sl_run / "sl" / "train_log.jsonl").open()]
-    assert len(log) == metrics["steps"] and all(r["tokens"] > 0 for r in log)
+    log = [json.loads(x) for x in (sl_run / "sl" / "metrics.jsonl").open()]
+    steps = [r for r in log if "sft/loss" in r]
+    assert len(steps) == metrics["steps"] and all(r["sft/tokens"] > 0 for r in steps)
     from safetensors.torch import load_file
 
     new = load_file(str(model_dir / "model.safetensors"))
