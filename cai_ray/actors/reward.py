@@ -131,16 +131,21 @@ class RewardWorker(DistributedWorker):
             return [float(x) for x in self._scores(items)]
 
     def save(self, path: str) -> str:
+        import deepspeed
         from safetensors.torch import save_file
 
         assert self.model is not None
-        if self.ctx.rank == 0:
-            out = Path(path)
-            out.mkdir(parents=True, exist_ok=True)
-            self.model.backbone.save_pretrained(out, safe_serialization=True)
-            save_file({k: v.contiguous() for k, v in self.model.head.state_dict().items()},
-                      str(out / HEAD_FILE))
-            self.tokenizer.save_pretrained(out)
+        # Under ZeRO-3 every rank must join the gather, in the same order; rank 0 writes.
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None,
+                                               enabled=self.cfg.zero_stage == 3 and
+                                               self.engine is not None):
+            if self.ctx.rank == 0:
+                out = Path(path)
+                out.mkdir(parents=True, exist_ok=True)
+                self.model.backbone.save_pretrained(out, safe_serialization=True)
+                save_file({k: v.contiguous() for k, v in self.model.head.state_dict().items()},
+                          str(out / HEAD_FILE))
+                self.tokenizer.save_pretrained(out)
         return path
 
     def close(self) -> None:

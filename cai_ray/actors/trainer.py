@@ -169,7 +169,8 @@ class TrainerWorker(DistributedWorker):
         out = model.model(input_ids=ids, attention_mask=attn)
         hidden = out.last_hidden_state[:, :-1]  # position t predicts token t+1
         sel = mask[:, 1:]
-        return selected_token_logprobs(hidden[sel], model.lm_head.weight, ids[:, 1:][sel])
+        # The head is called as a module (not via its weight) so that ZeRO-3 gathers it.
+        return selected_token_logprobs(model.lm_head(hidden[sel]), ids[:, 1:][sel])
 
     def train_sft(self, samples: list[SFTSample]) -> TrainStats:
         """One micro-batch: forward, backward, and an optimizer step at accumulation

@@ -33,13 +33,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return torch.where(mask.bool(), out, x)
 
 
-def selected_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
-                            targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) from hidden states at selected positions only.
+def selected_token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at selected positions only.
 
-    hidden: [N, H] states that predict the targets; lm_head_weight: [V, H]; targets: [N].
-    Computing the vocabulary projection only where a loss is taken avoids a [B, T, V] logits
-    tensor, which for a 49k vocabulary dominates the cost on CPU.
+    logits: [N, V] from the LM head applied to the N selected hidden states; targets: [N].
+    Projecting only where a loss is taken avoids a [B, T, V] logits tensor, which for a 49k
+    vocabulary dominates the cost on CPU.
     """
-    logits = (hidden @ lm_head_weight.t()).float()  # [N, V]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
