@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -108,6 +109,19 @@ def start_ranks(group: ActorGroup[Any], setup: Callable[..., int], total_steps: 
     host, port = group.call(0, DistributedWorker.address)
     group.get([group.submit(r, setup, host, port, total_steps)
                for r in range(group.num_actors)], timeout=timeout_s)
+
+
+def save_group_model(group: ActorGroup[Any], save: Callable[..., str], final: Path) -> Path:
+    """Every rank runs `save` into a directory beside `final` (ZeRO-3 gathers need all ranks;
+    rank 0 writes), then it is renamed into place: a killed save leaves no half model."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    group.call_all(save, str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
 
 
 class TrainerWorker(DistributedWorker):

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from cai_ray.actors.group import ActorGroup
 from cai_ray.actors.reward import RewardWorker
-from cai_ray.actors.trainer import start_ranks
+from cai_ray.actors.trainer import save_group_model, start_ranks
 from cai_ray.algorithms.preference import accuracy, bt_probability, reliability
 from cai_ray.config import Config, ModelSpec
 from cai_ray.configschema import Problem, ValidationError
@@ -207,11 +206,7 @@ def run_rm(cfg: Config, out_dir: Path, comparisons: str | None = None) -> Path:
                 tracker.log({f"pm/{aspect}/accuracy": m["accuracy"], f"pm/{aspect}/ece": m["ece"]},
                             step=total)
             tracker.close()
-            tmp = rm_dir / ".model.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            group.call_all(RewardWorker.save, str(tmp))
-            tmp.rename(final)
+            save_group_model(group, RewardWorker.save, final)
         finally:
             group.shutdown()
     metrics["seconds"] = time.monotonic() - t0

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import datasets
 from tqdm import tqdm
 
 from cai_ray.actors.group import ActorGroup
-from cai_ray.actors.trainer import TrainerWorker, start_ranks
+from cai_ray.actors.trainer import TrainerWorker, save_group_model, start_ranks
 from cai_ray.config import Config, ModelSpec
 from cai_ray.messages import SFTSample
 from cai_ray.runtime import device_of, ray_session
@@ -100,11 +99,7 @@ def run_train(cfg: Config, out_dir: Path) -> Path:
             tracker.log({"sft/probe_loss_before": before, "sft/probe_loss_after": after},
                         step=total)
             tracker.close()
-            tmp = sl_dir / ".model.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            group.call_all(TrainerWorker.save, str(tmp))
-            tmp.rename(final)
+            save_group_model(group, TrainerWorker.save, final)
         finally:
             group.shutdown()
     metrics = {"loss_before": before, "loss_after": after, "samples": len(ds),
