@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cai_ray.actors.group import ActorGroup, W
 from cai_ray.config import Config, save_config
 
 log = logging.getLogger("cai_ray")
@@ -31,6 +32,24 @@ def device_of(cfg: Config) -> str:
     from cai_ray.actors.rollout import cuda_available
 
     return "cuda" if cuda_available() else "cpu"
+
+
+def role_group(cfg: Config, role: str, worker_cls: type[W], init_args: tuple,
+               env_vars: dict[str, str] | None = None,
+               start: Callable[[ActorGroup[W]], object] | None = None) -> ActorGroup[W]:
+    """The actor group of `role` with its placement and the run's timeouts; `start` runs once
+    the actors are up (e.g. joining a process group), and a failure there releases the group."""
+    group = ActorGroup(role, worker_cls, getattr(cfg.placement, role), init_args=init_args,
+                       local=cfg.run.local_mode, call_timeout_s=cfg.run.call_timeout_s,
+                       startup_timeout_s=cfg.run.startup_timeout_s, env_vars=env_vars,
+                       strategy=cfg.placement.strategy)
+    if start is not None:
+        try:
+            start(group)
+        except BaseException:
+            group.shutdown()
+            raise
+    return group
 
 
 def prepare_run_dir(cfg: Config, output: str | Path) -> Path:

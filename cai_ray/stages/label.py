@@ -32,7 +32,7 @@ from cai_ray.constitution import Constitution, load_constitution
 from cai_ray.labelling import JudgeQuery, clamp, combine_orders, question, render_shots
 from cai_ray.messages import GenerationRequest, Prompt
 from cai_ray.preflight import resolve_path
-from cai_ray.runtime import device_of, ray_session
+from cai_ray.runtime import device_of, ray_session, role_group
 from cai_ray.stages.sample import rollout_group
 from cai_ray.stages.sl import request_seed
 from cai_ray.stages.store import ShardStore, merge_shards
@@ -52,14 +52,10 @@ FEATURES = datasets.Features({
 
 def feedback_group(cfg: Config) -> ActorGroup[FeedbackWorker]:
     device = device_of(cfg)
-    res = cfg.placement.feedback
-    return ActorGroup("feedback", FeedbackWorker, res,
-                      init_args=(cfg.feedback.model or cfg.model, cfg.feedback.engine, device,
-                                 cfg.run.seed, cfg.feedback.chat_template),
-                      local=cfg.run.local_mode, call_timeout_s=cfg.run.call_timeout_s,
-                      startup_timeout_s=cfg.run.startup_timeout_s,
-                      env_vars=vllm_env(cfg.feedback.engine, device, res.threads),
-                      strategy=cfg.placement.strategy)
+    return role_group(cfg, "feedback", FeedbackWorker,
+                      (cfg.feedback.model or cfg.model, cfg.feedback.engine, device,
+                       cfg.run.seed, cfg.feedback.chat_template),
+                      vllm_env(cfg.feedback.engine, device, cfg.placement.feedback.threads))
 
 
 class Labeller:

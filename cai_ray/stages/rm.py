@@ -30,7 +30,7 @@ from cai_ray.algorithms.preference import accuracy, bt_probability, reliability
 from cai_ray.config import Config, ModelSpec
 from cai_ray.configschema import Problem, ValidationError
 from cai_ray.messages import Comparison
-from cai_ray.runtime import device_of, ray_session
+from cai_ray.runtime import device_of, ray_session, role_group
 from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -131,21 +131,15 @@ def reward_group(cfg: Config, spec: ModelSpec, total_steps: int | None
     r = cfg.reward
     tcfg = dataclasses.replace(cfg.trainer, lr=r.lr, micro_batch_size=r.micro_batch_size,
                                grad_accum=r.grad_accum, max_length=r.max_length)
-    group = ActorGroup("reward", RewardWorker, cfg.placement.reward,
-                       init_args=(spec, tcfg, device, cfg.run.seed), local=cfg.run.local_mode,
-                       call_timeout_s=cfg.run.call_timeout_s,
-                       startup_timeout_s=cfg.run.startup_timeout_s,
-                       env_vars={"DS_ACCELERATOR": "cpu"} if device == "cpu" else {},
-                       strategy=cfg.placement.strategy)
-    try:
+
+    def start(group: ActorGroup[RewardWorker]) -> None:
         if total_steps is None:
             group.call_all(RewardWorker.load_for_scoring)
         else:
             start_ranks(group, RewardWorker.setup, total_steps, cfg.run.startup_timeout_s)
-    except BaseException:
-        group.shutdown()
-        raise
-    return group
+
+    return role_group(cfg, "reward", RewardWorker, (spec, tcfg, device, cfg.run.seed),
+                      {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {}, start)
 
 
 def score_pairs(group: ActorGroup[RewardWorker], comps: list[Comparison], batch: int

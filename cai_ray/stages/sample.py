@@ -19,7 +19,7 @@ from cai_ray.actors.rollout import RolloutWorker, vllm_env
 from cai_ray.config import Config, ModelSpec
 from cai_ray.data import PromptStream, load_prompts
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
-from cai_ray.runtime import device_of, ray_session
+from cai_ray.runtime import device_of, ray_session, role_group
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,9 @@ log = logging.getLogger(__name__)
 def rollout_group(cfg: Config, model: ModelSpec | None = None) -> ActorGroup[RolloutWorker]:
     """The rollout group serving `model` (default: the configured policy)."""
     device = device_of(cfg)
-    res = cfg.placement.rollout
-    return ActorGroup("rollout", RolloutWorker, res,
-                      init_args=(model or cfg.model, cfg.rollout.engine, device, cfg.run.seed),
-                      local=cfg.run.local_mode, call_timeout_s=cfg.run.call_timeout_s,
-                      startup_timeout_s=cfg.run.startup_timeout_s,
-                      env_vars=vllm_env(cfg.rollout.engine, device, res.threads),
-                      strategy=cfg.placement.strategy)
+    return role_group(cfg, "rollout", RolloutWorker,
+                      (model or cfg.model, cfg.rollout.engine, device, cfg.run.seed),
+                      vllm_env(cfg.rollout.engine, device, cfg.placement.rollout.threads))
 
 
 def sample_requests(cfg: Config, prompts: list[Prompt]) -> list[GenerationRequest]:

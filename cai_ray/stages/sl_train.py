@@ -21,7 +21,7 @@ from cai_ray.actors.group import ActorGroup
 from cai_ray.actors.trainer import TrainerWorker, save_group_model, start_ranks
 from cai_ray.config import Config, ModelSpec
 from cai_ray.messages import SFTSample
-from cai_ray.runtime import device_of, ray_session
+from cai_ray.runtime import device_of, ray_session, role_group
 from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -29,18 +29,10 @@ log = logging.getLogger(__name__)
 
 def trainer_group(cfg: Config, model: ModelSpec, total_steps: int) -> ActorGroup[TrainerWorker]:
     device = device_of(cfg)
-    env = {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {}
-    group = ActorGroup("trainer", TrainerWorker, cfg.placement.trainer,
-                       init_args=(model, cfg.trainer, device, cfg.run.seed),
-                       local=cfg.run.local_mode, call_timeout_s=cfg.run.call_timeout_s,
-                       startup_timeout_s=cfg.run.startup_timeout_s, env_vars=env,
-                       strategy=cfg.placement.strategy)
-    try:
-        start_ranks(group, TrainerWorker.setup, total_steps, cfg.run.startup_timeout_s)
-    except BaseException:
-        group.shutdown()
-        raise
-    return group
+    return role_group(cfg, "trainer", TrainerWorker, (model, cfg.trainer, device, cfg.run.seed),
+                      {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {},
+                      lambda g: start_ranks(g, TrainerWorker.setup, total_steps,
+                                            cfg.run.startup_timeout_s))
 
 
 def _samples(ds: datasets.Dataset, idx: list[int]) -> list[SFTSample]:
