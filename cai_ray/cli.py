@@ -89,9 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
                    "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
 
-    p = sub.add_parser("pipeline", help="every stage in order (sl → label → rm), each skipped "
-                       "when its finished output exists and resumed when interrupted")
+    p = sub.add_parser("ppo", help="RL-CAI: PPO of the policy against the preference model "
+                       "(vLLM rollouts, PM rewards, reference KL, DeepSpeed trainer)")
     _add_run_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest "
+                   "checkpoint under DIR/ppo/checkpoints (a fresh start when there is none)")
+
+    p = sub.add_parser("pipeline", help="every stage in order (sl → label → rm → ppo), each "
+                       "skipped when its finished output exists and resumed when interrupted")
+    _add_run_args(p)
+    p.add_argument("--resume", action="store_true", help="let the PPO stage continue from its "
+                   "newest checkpoint (the other stages always resume by shard)")
 
     p = sub.add_parser("sample", help="answer red-team prompts with the policy through the "
                        "rollout group (vLLM on Ray)")
@@ -230,20 +238,28 @@ def _cmd_rm(args: argparse.Namespace) -> int:
                        (lambda: read_comparisons(Path(src), src)) if src else None)
 
 
+def _cmd_ppo(args: argparse.Namespace) -> int:
+    from cai_ray.stages.ppo import run_ppo
+
+    return _run_stages(args, lambda cfg, out: [("ppo", lambda: run_ppo(cfg, out, args.resume))])
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from cai_ray.stages.label import run_label
+    from cai_ray.stages.ppo import run_ppo
     from cai_ray.stages.rm import run_rm
     from cai_ray.stages.sl import run_generate
     from cai_ray.stages.sl_train import run_train
 
     return _run_stages(args, lambda cfg, out: [
         ("sl/generate", lambda: run_generate(cfg, out)), ("sl/train", lambda: run_train(cfg, out)),
-        ("label", lambda: run_label(cfg, out)), ("rm", lambda: run_rm(cfg, out))])
+        ("label", lambda: run_label(cfg, out)), ("rm", lambda: run_rm(cfg, out)),
+        ("ppo", lambda: run_ppo(cfg, out, args.resume))])
 
 
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
-            "label": _cmd_label, "rm": _cmd_rm, "pipeline": _cmd_pipeline}
+            "label": _cmd_label, "rm": _cmd_rm, "ppo": _cmd_ppo, "pipeline": _cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

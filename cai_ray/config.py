@@ -196,6 +196,16 @@ class PPOConfig:
     checkpoint_every: int = option(10, "steps between checkpoints", positive)
     keep_checkpoints: int = option(2, "checkpoints kept on disk", positive)
     eval_every: int = option(0, "steps between Elo evaluations (0 = off)", non_negative)
+    critic_lr: float | None = option(None, "value model learning rate; null = trainer.lr",
+                                     positive)
+    reward_model: str | None = option(None, "trained preference model directory; null = "
+                                      "DIR/rm/model of this run")
+    weight_sync: Literal["auto", "object_store", "nccl"] = option(
+        "auto", "trainer→rollout weight transport; auto: nccl on GPU, object store on CPU")
+    sync_bucket_mb: float = option(64.0, "object-store weight-sync bucket size (MiB)", positive)
+    sync_tolerance: float | None = option(
+        None, "largest allowed |vLLM − trainer| log-prob on the probe after a sync; null = "
+        "1e-3 in float32, 0.5 in bfloat16/float16", positive)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -322,6 +332,17 @@ class Config:
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
+        p, world = self.ppo, self.placement.trainer.num_actors
+        batch = p.rollout_batch_size * p.samples_per_prompt
+        if p.mini_batch_size % (self.trainer.micro_batch_size * world):
+            out.append(("ppo.mini_batch_size", f"must be a multiple of trainer.micro_batch_size "
+                        f"× trainer ranks ({self.trainer.micro_batch_size} × {world})"))
+        if batch % p.mini_batch_size:
+            out.append(("ppo.mini_batch_size", f"must divide rollout_batch_size × "
+                        f"samples_per_prompt ({batch})"))
+        if self.rollout.sampling.max_new_tokens >= self.trainer.max_length:
+            out.append(("trainer.max_length", "must exceed rollout.sampling.max_new_tokens "
+                        f"({self.rollout.sampling.max_new_tokens})"))
         tp = self.rollout.engine.tensor_parallel_size
         if tp > 1 and self.placement.rollout.num_gpus < tp:
             out.append(("placement.rollout.num_gpus", f"tensor_parallel_size={tp} needs >= {tp} "

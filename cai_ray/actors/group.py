@@ -247,11 +247,21 @@ class ActorGroup(Generic[W]):
     def shard_and_gather(self, fn: Callable[Concatenate[W, list[T], P], list[R]],
                          items: list[T], *args: P.args, **kwargs: P.kwargs) -> list[R]:
         """Split `items` into contiguous shards, one per actor; concatenate results in order."""
+        return self.gather(self.submit_shards(fn, items, *args, **kwargs))
+
+    def submit_shards(self, fn: Callable[Concatenate[W, list[T], P], list[R]],
+                      items: list[T], *args: P.args, **kwargs: P.kwargs
+                      ) -> list[Pending[list[R]]]:
+        """`shard_and_gather` without waiting: one call per non-empty contiguous shard."""
         n = self.num_actors
         bounds = [len(items) * r // n for r in range(n + 1)]
-        pend = [self.submit(r, fn, items[bounds[r]:bounds[r + 1]], *args, **kwargs)
+        return [self.submit(r, fn, items[bounds[r]:bounds[r + 1]], *args, **kwargs)
                 for r in range(n) if bounds[r + 1] > bounds[r]]
-        return [x for part in self.get(pend) for x in part]
+
+    def gather(self, pendings: list[Pending[list[R]]], timeout: float | None = None
+               ) -> list[R]:
+        """Wait for `submit_shards` calls and concatenate their results in order."""
+        return [x for part in self.get(pendings, timeout) for x in part]
 
     # --- waiting --------------------------------------------------------------------------------
 

@@ -42,14 +42,25 @@ class ScalarRewardModel(torch.nn.Module):
         return self.head(h[torch.arange(h.shape[0]), last]).squeeze(-1).float()
 
 
-def load_reward_model(spec: ModelSpec, dtype: torch.dtype) -> ScalarRewardModel:
+class TokenValueModel(ScalarRewardModel):
+    """PPO's critic: the same backbone + scalar head, read at every position (the value of the
+    state after that token). Initialised from the trained PM, as is usual in RLHF."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] → values [B, T] (float32)."""
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(h).squeeze(-1).float()
+
+
+def load_reward_model(spec: ModelSpec, dtype: torch.dtype,
+                      cls: type[ScalarRewardModel] = ScalarRewardModel) -> ScalarRewardModel:
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     path = resolve(spec)
     backbone = AutoModel.from_pretrained(path, revision=spec.revision, dtype=dtype,
                                          trust_remote_code=spec.trust_remote_code)
-    model = ScalarRewardModel(backbone)
+    model = cls(backbone)
     head = Path(path) / HEAD_FILE
     if head.exists():
         model.head.load_state_dict({k: v.to(dtype) for k, v in load_file(str(head)).items()})

@@ -89,7 +89,10 @@ class RolloutWorker(Worker):
                  self.device, engine.dtype, time.monotonic() - t0)
 
     def extra_engine_args(self) -> dict[str, Any]:
-        """Engine arguments a subclass role adds (the feedback role reads processed log-probs)."""
+        """Engine arguments a subclass role adds (the feedback role reads processed log-probs).
+        On GPU the rollout engine's workers can join an NCCL weight-sync group."""
+        if self.device == "cuda":
+            return {"worker_extension_cls": "cai_ray.actors.weight_sync.WeightReceiver"}
         return {}
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
@@ -156,16 +159,34 @@ class RolloutWorker(Worker):
         self.llm.reset_prefix_cache()
 
     def update_weights(self, version: int, weights: list[tuple[str, Any]] | None = None,
-                       path: str | None = None) -> int:
-        """Load new policy weights (named tensors, or a save_pretrained directory) into the
-        running engine, then drop cached prefixes computed with the old ones."""
-        if (weights is None) == (path is None):
-            raise ValueError("pass exactly one of `weights` or `path`")
-        kwargs = {"weights_iterator": weights} if weights is not None else {"weights_path": path}
+                       path: str | None = None, buckets: list[Any] | None = None) -> int:
+        """Load new policy weights into the running engine: named tensors, `weight_sync`
+        buckets (object-store references, fetched one at a time), or a save_pretrained
+        directory; then drop cached prefixes computed with the old weights."""
+        from cai_ray.actors.weight_sync import iterate
+
+        if sum(x is not None for x in (weights, path, buckets)) != 1:
+            raise ValueError("pass exactly one of `weights`, `path` or `buckets`")
+        if path is not None:
+            kwargs: dict[str, Any] = {"weights_path": path}
+        else:
+            kwargs = {"weights_iterator": weights if weights is not None else
+                      iterate(buckets or [])}
         self.llm.collective_rpc("reload_weights", kwargs=kwargs)
+        return self._new_version(version)
+
+    def _new_version(self, version: int) -> int:
         self.reset_prefix_cache()
         self.weight_version = version
         return version
+
+    # NCCL weight sync (GPU): the engine's workers join a group with trainer rank 0.
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        self.llm.collective_rpc("cai_join_weight_group", args=(host, port, rank, world_size))
+
+    def receive_weights(self, version: int, metas: list[Any]) -> int:
+        self.llm.collective_rpc("cai_receive_weights", args=(metas,))
+        return self._new_version(version)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

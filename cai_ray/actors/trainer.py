@@ -52,7 +52,54 @@ def encode_chat(tok: Any, messages: list[dict[str, str]], response: str, limit: 
     return p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)
 
 
-def ds_config(t: TrainerConfig, total_steps: int, world_size: int) -> dict[str, Any]:
+Sequence = tuple[list[int], list[int]]  # (prompt token ids, response token ids)
+
+
+def pack_sequences(seqs: list[Sequence], pad: int, limit: int) -> tuple[Any, Any, Any]:
+    """Right-padded ids, attention mask and response mask ([B, T]) for (prompt, response) token
+    sequences. A sequence over `limit` tokens loses the oldest prompt tokens, never a response
+    token: per-token quantities (log-probs, values) stay aligned with the rollout's tokens."""
+    import torch
+
+    rows = []
+    for p, r in seqs:
+        if len(r) >= limit:
+            raise ValueError(f"a response of {len(r)} tokens does not fit trainer.max_length="
+                             f"{limit}; raise it or lower the sampling max_new_tokens")
+        p = p[max(0, len(p) + len(r) - limit):]
+        rows.append((p, r))
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):  # right padding: positions stay 0..len-1
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attn[i, : len(p) + len(r)] = 1
+        mask[i, len(p): len(p) + len(r)] = True
+    return ids, attn, mask
+
+
+def token_logprobs(model: Any, ids: Any, attn: Any, mask: Any, entropy: bool = False
+                   ) -> tuple[Any, Any]:
+    """log p of every masked token given its prefix, flat [N] in row-major order, and (when
+    asked) the entropy of each of those next-token distributions [N]. Only the selected
+    positions go through the LM head, called as a module so ZeRO-3 gathers it."""
+    import torch
+
+    out = model.model(input_ids=ids, attention_mask=attn)
+    hidden = out.last_hidden_state[:, :-1]  # position t predicts token t+1
+    sel = mask[:, 1:]
+    logits = model.lm_head(hidden[sel])
+    logp = selected_token_logprobs(logits, ids[:, 1:][sel])
+    ent = None
+    if entropy:  # with gradient, for an entropy bonus; detach it for statistics
+        z = logits.float()
+        ent = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+    return logp, ent
+
+
+def ds_config(t: TrainerConfig, total_steps: int, world_size: int,
+              grad_accum: int | None = None) -> dict[str, Any]:
     warmup = min(t.warmup_steps, max(total_steps - 1, 0))
     sched: dict[str, Any] | None = None
     if t.lr_schedule != "constant" or warmup:
@@ -65,8 +112,8 @@ def ds_config(t: TrainerConfig, total_steps: int, world_size: int) -> dict[str, 
             sched["params"].update({"warmup_max_lr": t.lr, "warmup_min_lr": 0.0})
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_accumulation_steps": grad_accum or t.grad_accum,
+        "train_batch_size": t.micro_batch_size * (grad_accum or t.grad_accum) * world_size,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.dtype == "bfloat16"},
@@ -135,6 +182,7 @@ class TrainerWorker(DistributedWorker):
         self.engine: Any = None
         self.tokenizer = load_tokenizer(model)
         self.step = 0
+        self.grad_accum: int | None = None  # None = trainer.grad_accum
 
     def setup(self, master_addr: str, master_port: int, total_steps: int) -> int:
         """Join the process group and build the DeepSpeed engine; returns the parameter count."""
@@ -154,7 +202,7 @@ class TrainerWorker(DistributedWorker):
                                 weight_decay=self.cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=opt,
-            config=ds_config(self.cfg, total_steps, self.ctx.world_size))
+            config=ds_config(self.cfg, total_steps, self.ctx.world_size, self.grad_accum))
         return sum(p.numel() for p in model.parameters())
 
     # --- SFT ------------------------------------------------------------------------------------
@@ -179,12 +227,7 @@ class TrainerWorker(DistributedWorker):
 
     def sequence_logprobs(self, ids: Any, attn: Any, mask: Any) -> Any:
         """log p of every masked token given its prefix: [N] in row-major order."""
-        model = self.engine.module
-        out = model.model(input_ids=ids, attention_mask=attn)
-        hidden = out.last_hidden_state[:, :-1]  # position t predicts token t+1
-        sel = mask[:, 1:]
-        # The head is called as a module (not via its weight) so that ZeRO-3 gathers it.
-        return selected_token_logprobs(model.lm_head(hidden[sel]), ids[:, 1:][sel])
+        return token_logprobs(self.engine.module, ids, attn, mask)[0]
 
     def train_sft(self, samples: list[SFTSample]) -> TrainStats:
         """One micro-batch: forward, backward, and an optimizer step at accumulation

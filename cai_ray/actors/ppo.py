@@ -1,0 +1,250 @@
+"""PPO roles: the trainer (policy + value, each its own DeepSpeed engine) and the reference.
+
+Sequences cross the actor boundary as (prompt ids, response ids) token lists, the exact tokens the
+rollout engine produced, so nothing is re-tokenised. Per-token tensors go back and forth flat
+([N] over response tokens, row-major), the layout `token_logprobs` produces; the driver turns them
+into [B, T] rows for the algorithm (`algorithms/ppo.py`) and back.
+
+The trainer computes the "old" log-probs and values itself just before training (the proximal
+policy of decoupled PPO): with `max_staleness` > 0 a batch may come from weights one version older
+than the trainer's, and the clipped ratio is taken against the trainer's current weights, while
+the gap to the rollout engine's own log-probs is reported as `rollout/logprob_gap`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cai_ray.actors.group import Worker, WorkerContext
+from cai_ray.actors.reward import TokenValueModel, load_reward_model
+from cai_ray.actors.trainer import (Sequence, TrainerWorker, ds_config, pack_sequences,
+                                    token_logprobs)
+from cai_ray.actors.weight_sync import Named, TensorMeta, cut_buckets, nccl_group, nccl_send
+from cai_ray.actors.weight_sync import publish as publish_buckets
+from cai_ray.algorithms.masked import masked_mean
+from cai_ray.algorithms.ppo import policy_loss, value_loss
+from cai_ray.config import ModelSpec, PPOConfig, TrainerConfig
+from cai_ray.models import load_causal_lm, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+class PPOTrainerWorker(TrainerWorker):
+    """One data-parallel rank of the PPO trainer. `critic` is the model the value head starts
+    from (the trained PM); None for the critic-free estimators (rloo, grpo)."""
+
+    def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
+                 ppo: PPOConfig, critic: ModelSpec | None, device: str = "cpu", seed: int = 0):
+        super().__init__(ctx, model, trainer, device, seed)
+        self.ppo, self.critic_spec = ppo, critic
+        per_rank = ppo.mini_batch_size // ctx.world_size
+        self.grad_accum = max(1, per_rank // trainer.micro_batch_size)
+        self.critic: Any = None
+        self.updates = 0  # PPO steps trained (= the policy's weight version)
+        self._comm: Any = None
+
+    def setup(self, master_addr: str, master_port: int, total_steps: int) -> int:
+        n = super().setup(master_addr, master_port, total_steps)
+        if self.critic_spec is not None:
+            import deepspeed
+
+            dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+            value = load_reward_model(self.critic_spec, dtype, TokenValueModel)
+            opt = torch.optim.AdamW(value.parameters(), lr=self.ppo.critic_lr or self.cfg.lr,
+                                    weight_decay=self.cfg.weight_decay)
+            self.critic, *_ = deepspeed.initialize(
+                model=value, optimizer=opt,
+                config=ds_config(self.cfg, total_steps, self.ctx.world_size, self.grad_accum))
+            n += sum(p.numel() for p in value.parameters())
+        return n
+
+    def _pack(self, seqs: list[Sequence]) -> tuple[Any, Any, Any]:
+        return pack_sequences(seqs, _pad_id(self.tokenizer), self.cfg.max_length)
+
+    def _values(self, ids: Any, attn: Any, mask: Any) -> Any:
+        """Critic value of the state before each response token: flat [N]."""
+        v = self.critic(ids, attn)[:, :-1]
+        return v[mask[:, 1:]]
+
+    def experience(self, seqs: list[Sequence]) -> tuple[Any, Any]:
+        """Log-probs of the response tokens under the current policy and the critic's values
+        (None without a critic), flat [N]; no gradients."""
+        self.engine.eval()
+        if self.critic is not None:
+            self.critic.eval()
+        lps, vals = [], []
+        mb = self.cfg.micro_batch_size
+        with torch.no_grad():
+            for i in range(0, len(seqs), mb):
+                ids, attn, mask = self._pack(seqs[i:i + mb])
+                lps.append(token_logprobs(self.engine.module, ids, attn, mask)[0])
+                if self.critic is not None:
+                    vals.append(self._values(ids, attn, mask))
+        return torch.cat(lps), torch.cat(vals) if vals else None
+
+    def train_ppo(self, seqs: list[Sequence], old_logprobs: Any, advantages: Any,
+                  returns: Any | None, old_values: Any | None) -> dict[str, float]:
+        """PPO epochs over this rank's share of a batch, in shuffled minibatches of
+        mini_batch_size / world sequences (one optimizer step each, accumulated over
+        micro-batches). Per-token inputs are flat [N] over the sequences' response tokens."""
+        t0 = time.monotonic()
+        p = self.ppo
+        lengths = [len(r) for _, r in seqs]
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+
+        def take(x: Any, idx: list[int]) -> Any:
+            return torch.cat([x[starts[i]:starts[i + 1]] for i in idx])
+
+        per_rank = p.mini_batch_size // self.ctx.world_size
+        mb = self.cfg.micro_batch_size
+        rng = random.Random(self.seed * 100_003 + self.updates)
+        sums: dict[str, float] = {}
+        count = 0
+        self.engine.train()
+        if self.critic is not None:
+            self.critic.train()
+        for _ in range(p.ppo_epochs):
+            order = list(range(len(seqs)))
+            rng.shuffle(order)
+            for start in range(0, len(order), per_rank):
+                rows = order[start:start + per_rank]
+                for m in range(0, len(rows), mb):
+                    idx = rows[m:m + mb]
+                    ids, attn, mask = self._pack([seqs[i] for i in idx])
+                    logp, ent = token_logprobs(self.engine.module, ids, attn, mask,
+                                               entropy=True)
+                    ones = torch.ones_like(logp, dtype=torch.bool)
+                    adv = take(advantages, idx)
+                    loss, stats = policy_loss(logp, take(old_logprobs, idx), adv, ones,
+                                              p.clip_eps)
+                    entropy = masked_mean(ent, ones)
+                    if p.entropy_coef:
+                        loss = loss - p.entropy_coef * entropy
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    stats.update(policy_loss=float(loss.item()), entropy=float(entropy.item()))
+                    if self.critic is not None and returns is not None:
+                        v = self._values(ids, attn, mask)
+                        vloss, vstats = value_loss(v, take(old_values, idx), take(returns, idx),
+                                                   ones, p.value_clip)
+                        self.critic.backward(p.value_coef * vloss)
+                        self.critic.step()
+                        stats.update(vstats, value_loss=float(vloss.item()))
+                    for k, val in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(val)
+                    count += 1
+        self.updates += 1
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and math.isfinite(float(norm)):
+            out["grad_norm"] = float(norm)
+        out["lr"] = self.engine.get_lr()[0] if self.engine.lr_scheduler else self.cfg.lr
+        out["seconds"] = time.monotonic() - t0
+        out["tokens"] = float(sum(lengths))
+        return out
+
+    # --- weights out ------------------------------------------------------------------------------
+
+    def _named(self) -> list[Named]:
+        """Full tensors of the policy (HF names) on rank 0; every rank must call this (ZeRO-3
+        gathers layer by layer, all ranks in the same order)."""
+        import deepspeed
+
+        out: list[Named] = []
+        for name, p in self.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None,
+                                                   enabled=self.cfg.zero_stage == 3):
+                if self.ctx.rank == 0:
+                    out.append((name, p.detach().to("cpu", copy=True)))
+        return out
+
+    def export_weights(self, bucket_mb: float) -> list[Any]:
+        """Object-store weight sync: rank 0's weights in published buckets ([] on other ranks)."""
+        named = self._named()
+        return publish_buckets(cut_buckets(named, int(bucket_mb * 2**20))) if named else []
+
+    def weight_metas(self) -> list[TensorMeta]:
+        return [TensorMeta(n, tuple(p.shape), str(p.dtype).removeprefix("torch."))
+                for n, p in self.engine.module.named_parameters()]
+
+    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
+        """NCCL weight sync: rank 0 joins the group with the rollout engines (as its rank 0)."""
+        if self.ctx.rank == 0:
+            self._comm = nccl_group(host, port, 0, world_size, torch.device("cuda", 0))
+
+    def broadcast_weights(self) -> int:
+        named = self._named()
+        if self.ctx.rank != 0:
+            return 0
+        return nccl_send(self._comm, ((n, t.to("cuda", non_blocking=True)) for n, t in named))
+
+    def probe_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens < t), t >= 1, of each sequence: what the rollout engine's
+        `prompt_logprobs` returns for the same tokens, to check a weight sync."""
+        self.engine.eval()
+        with torch.no_grad():
+            ids, attn, mask = self._pack([(x[:1], x[1:]) for x in token_ids])
+            flat = token_logprobs(self.engine.module, ids, attn, mask)[0].tolist()
+        out, i = [], 0
+        for x in token_ids:
+            out.append(flat[i:i + len(x) - 1])
+            i += len(x) - 1
+        return out
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str) -> str:
+        """Policy and critic engines (weights, optimizer, scheduler) + this rank's RNG state."""
+        state = {"updates": self.updates, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(str(Path(path) / "policy"), tag="state",
+                                    client_state=state, save_latest=False)
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(Path(path) / "critic"), tag="state",
+                                        save_latest=False)
+        return path
+
+    def load_checkpoint(self, path: str) -> int:
+        _, client = self.engine.load_checkpoint(str(Path(path) / "policy"), tag="state")
+        if client is None:
+            raise FileNotFoundError(f"no policy checkpoint in {path}")
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(Path(path) / "critic"), tag="state")
+        self.updates = int(client["updates"])
+        torch.set_rng_state(client["torch_rng"])
+        return self.updates
+
+    def close(self) -> None:
+        self.engine = self.critic = None
+
+
+class ReferenceWorker(Worker):
+    """The frozen initial policy, for the KL term: log-probs of response tokens, no optimizer."""
+
+    def __init__(self, ctx: WorkerContext, model: ModelSpec, dtype: str, max_length: int,
+                 micro_batch_size: int):
+        super().__init__(ctx)
+        self.tokenizer = load_tokenizer(model)
+        self.model = load_causal_lm(model, dtype).eval()
+        self.max_length, self.mb = max_length, micro_batch_size
+
+    def logprobs(self, seqs: list[Sequence]) -> Any:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(seqs), self.mb):
+                ids, attn, mask = pack_sequences(seqs[i:i + self.mb], _pad_id(self.tokenizer),
+                                                 self.max_length)
+                out.append(token_logprobs(self.model, ids, attn, mask)[0])
+        return torch.cat(out)

@@ -1,0 +1,487 @@
+"""RL-CAI: PPO of the SL-CAI policy against the preference model, one driver over four groups.
+
+    rollout (vLLM) ──Rollouts──▶ reward (PM score) ┐
+         ▲                   └─▶ reference (KL)    ├─▶ advantages ─▶ trainer (DeepSpeed PPO)
+         └──────────── weights, version v+1 ◀──────┴──────────────────────────────┘
+
+Streaming: the batch of step t+1 (and up to `ppo.max_staleness` batches ahead) is being generated
+while step t scores, trains and syncs. A batch submitted after sync v runs on weights v (an actor
+runs its calls in order), and is trained at step t ≥ v, so `version − batch version ≤
+max_staleness` holds by construction; it is still checked for every batch, and a violation stops
+the run rather than train on older weights. In-flight generations are at most max_staleness + 1
+batches: that bound is the backpressure.
+
+Every phase is timed (`time/generate_wait` is the part of generation the driver waits for, the
+rest overlapped training). After every sync the engine's prompt log-probs on a fixed probe are
+compared with the trainer's (`sync/logprob_max_diff`); beyond `ppo.sync_tolerance` the run stops.
+
+Resume: every `checkpoint_every` steps the trainer's engines (policy, critic, optimizers, RNG)
+and the driver's state (step, weight version, prompt-stream position, KL coefficient) are saved
+atomically (`checkpoint.Checkpoints`). `--resume` loads the newest, pushes its weights to the
+engines, and cuts `consumed.jsonl` and `metrics.jsonl` back to its step: every prompt is trained
+on exactly once across the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm import tqdm
+
+from cai_ray.actors.group import ActorGroup, Pending
+from cai_ray.actors.ppo import PPOTrainerWorker, ReferenceWorker
+from cai_ray.actors.reward import HEAD_FILE, RewardWorker
+from cai_ray.actors.rollout import RolloutWorker
+from cai_ray.actors.trainer import Sequence, TrainerWorker, save_group_model, start_ranks
+from cai_ray.algorithms.masked import masked_mean, masked_sum, masked_whiten
+from cai_ray.algorithms.ppo import (AdaptiveKLController, FixedKLController,
+                                    broadcast_sequence_advantage, gae, grpo_advantages,
+                                    kl_penalty, rloo_advantages, token_rewards)
+from cai_ray.checkpoint import Checkpoints, rewind_jsonl
+from cai_ray.config import Config, ModelSpec
+from cai_ray.data import PromptStream, load_prompts
+from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
+from cai_ray.runtime import device_of, ray_session, role_group
+from cai_ray.stages.label import policy_spec
+from cai_ray.stages.rm import reward_group
+from cai_ray.stages.sample import rollout_group
+from cai_ray.stages.sl import request_seed
+from cai_ray.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+class StalenessError(RuntimeError):
+    pass
+
+
+@dataclass
+class Batch:
+    """Prompts on their way through the rollout group (driver side only)."""
+
+    index: int  # the step (0-based) that trains on it
+    prompts: list[Prompt]
+    stream_state: dict[str, int]  # the prompt stream just after these prompts were taken
+    pending: list[Pending[list[GenerationResult]]]
+    submitted: float
+
+
+@dataclass
+class Sample:
+    prompt: Prompt
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    rollout_logprobs: list[float] | None
+    weight_version: int
+
+
+# --- algorithm glue (driver side, pure) -------------------------------------------------------
+
+def to_rows(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values [N] (row-major over sequences) → right-padded [B, T] and mask."""
+    width = max(lengths)
+    out = torch.zeros((len(lengths), width), dtype=torch.float32)
+    mask = torch.zeros((len(lengths), width), dtype=torch.bool)
+    i = 0
+    for r, n in enumerate(lengths):
+        out[r, :n] = flat[i:i + n].float()
+        mask[r, :n] = True
+        i += n
+    if i != flat.numel():
+        raise ValueError(f"{flat.numel()} per-token values for {i} response tokens")
+    return out, mask
+
+
+def advantages(cfg: Config, scores: torch.Tensor, old: torch.Tensor, ref: torch.Tensor,
+               values: torch.Tensor | None, mask: torch.Tensor, kl_coef: float
+               ) -> dict[str, torch.Tensor]:
+    """Advantages (and critic returns) of one batch, all [B, T] but `seq_kl` [B]."""
+    p = cfg.ppo
+    kl = torch.where(mask, kl_penalty(old, ref, p.kl_estimator), torch.zeros_like(old))
+    seq_kl = masked_sum(kl, mask, dim=1)
+    out: dict[str, torch.Tensor] = {"seq_kl": seq_kl}
+    if p.advantage == "gae":
+        if values is None:
+            raise ValueError("advantage=gae needs the critic's values")
+        rewards = token_rewards(scores, kl, mask, kl_coef)
+        adv, ret = gae(rewards, values, mask, p.gamma, p.lam)
+        out["returns"] = ret
+    else:
+        seq_reward = scores - kl_coef * seq_kl
+        fn = rloo_advantages if p.advantage == "rloo" else grpo_advantages
+        adv = broadcast_sequence_advantage(fn(seq_reward, p.samples_per_prompt), mask)
+    if p.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    out["advantages"] = adv
+    return out
+
+
+# --- groups -----------------------------------------------------------------------------------
+
+def reward_spec(cfg: Config, out_dir: Path) -> ModelSpec:
+    path = Path(cfg.ppo.reward_model) if cfg.ppo.reward_model else out_dir / "rm" / "model"
+    if not (path / "config.json").exists() or not (path / HEAD_FILE).exists():
+        raise FileNotFoundError(
+            f"no trained preference model at {path} (needs config.json and {HEAD_FILE}): run "
+            "`cai-ray rm` first, or set ppo.reward_model to a trained PM directory")
+    return ModelSpec(path=str(path), dtype=cfg.trainer.dtype,
+                     trust_remote_code=cfg.model.trust_remote_code)
+
+
+def ppo_prompts(cfg: Config) -> datasets.Dataset:
+    """Red-team and helpfulness prompts together (the paper's RL prompts mix both)."""
+    parts = [load_prompts(src, cfg.data.on_bad_row)[0]
+             for src in (cfg.data.red_team, cfg.data.helpful)]
+    return datasets.concatenate_datasets(parts)
+
+
+class PPORun:
+    def __init__(self, cfg: Config, out_dir: Path, resume: bool):
+        self.cfg, self.out, self.resume = cfg, out_dir, resume
+        self.dir = out_dir / "ppo"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpts = Checkpoints(self.dir / "checkpoints", cfg.ppo.keep_checkpoints)
+        self.policy = policy_spec(cfg, out_dir)
+        self.reward = reward_spec(cfg, out_dir)
+        self.stream = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed)
+        p = cfg.ppo
+        self.kl = (AdaptiveKLController(p.kl_coef, p.target_kl) if p.adaptive_kl
+                   else FixedKLController(p.kl_coef))
+        self.device = device_of(cfg)
+        self.transport = p.weight_sync if p.weight_sync != "auto" else (
+            "nccl" if self.device == "cuda" else "object_store")
+        dtype = cfg.rollout.engine.dtype
+        self.tolerance = p.sync_tolerance or (1e-3 if dtype == "float32" and
+                                              cfg.trainer.dtype == "float32" else 0.5)
+        self.step = 0  # PPO steps done = the trainer's weight version
+        self.probe: list[list[int]] | None = None
+        self.groups: list[ActorGroup[Any]] = []
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        cfg, p = self.cfg, self.cfg.ppo
+        env = {"DS_ACCELERATOR": "cpu"} if self.device == "cpu" else {}
+        batch = p.rollout_batch_size * p.samples_per_prompt
+        opt_steps = p.steps * p.ppo_epochs * (batch // p.mini_batch_size)
+        critic = self.reward if p.advantage == "gae" else None
+        self.rollout = rollout_group(cfg, self.policy)
+        self.groups.append(self.rollout)
+        self.scorer = reward_group(cfg, self.reward, None)
+        self.groups.append(self.scorer)
+        self.reference = role_group(cfg, "reference", ReferenceWorker,
+                                    (self.policy, cfg.trainer.dtype, cfg.trainer.max_length,
+                                     cfg.trainer.micro_batch_size))
+        self.groups.append(self.reference)
+        self.trainer = role_group(
+            cfg, "trainer", PPOTrainerWorker,
+            (self.policy, cfg.trainer, p, critic, self.device, cfg.run.seed), env,
+            lambda g: start_ranks(g, PPOTrainerWorker.setup, opt_steps,
+                                  cfg.run.startup_timeout_s))
+        self.groups.append(self.trainer)
+        if self.transport == "nccl":
+            self._join_nccl()
+
+    def _join_nccl(self) -> None:
+        if self.cfg.rollout.engine.tensor_parallel_size != 1:
+            raise ValueError("ppo.weight_sync=nccl supports tensor_parallel_size=1 engines; "
+                             "use weight_sync=object_store")
+        host, port = self.trainer.call(0, PPOTrainerWorker.address)
+        world = 1 + self.rollout.num_actors
+        pend: list[Pending[Any]] = [self.trainer.submit(r, PPOTrainerWorker.join_weight_group,
+                                                        host, port, world)
+                                    for r in range(self.trainer.num_actors)]
+        pend += [self.rollout.submit(r, RolloutWorker.join_weight_group, host, port, r + 1,
+                                     world) for r in range(self.rollout.num_actors)]
+        for grp in (self.trainer, self.rollout):
+            grp.get([x for x in pend if x.role == grp.role])
+
+    def _restore(self) -> None:
+        torn = self.ckpts.clean_torn()
+        if torn:
+            log.warning("removed %d torn checkpoint(s) left by an interrupted save: %s",
+                        len(torn), ", ".join(t.name for t in torn))
+        path, state = self.ckpts.latest()
+        if path is None or state is None:
+            log.info("--resume: no checkpoint under %s; starting from step 0", self.ckpts.root)
+            self._rewind(0)
+            return
+        self.trainer.call_all(PPOTrainerWorker.load_checkpoint, str(path))
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["stream"])
+        self.kl.coef = float(state["kl_coef"])
+        self.probe = state.get("probe")
+        self._rewind(self.step)
+        diff = self.sync()  # the engines start from the initial weights: give them these
+        log.info("resumed from %s: step %d, weight version %d (probe diff %.2e)", path.name,
+                 self.step, self.step, diff["sync/logprob_max_diff"])
+
+    def _rewind(self, step: int) -> None:
+        for name in ("consumed.jsonl", "metrics.jsonl"):
+            dropped = rewind_jsonl(self.dir / name, step)
+            if dropped:
+                log.info("%s: dropped %d entries after step %d", name, dropped, step)
+
+    # --- weights --------------------------------------------------------------------------------
+
+    def sync(self) -> dict[str, float]:
+        """Push the trainer's weights (version = steps done) to every engine and check them."""
+        t0 = time.monotonic()
+        version = self.step
+        if self.transport == "nccl":
+            metas = self.trainer.call(0, PPOTrainerWorker.weight_metas)
+            pend: list[Pending[int]] = [self.rollout.submit(r, RolloutWorker.receive_weights,
+                                                            version, metas)
+                                        for r in range(self.rollout.num_actors)]
+            sent = self.trainer.call_all(PPOTrainerWorker.broadcast_weights)[0]
+            self.rollout.get(pend)
+        else:
+            buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
+                                            self.cfg.ppo.sync_bucket_mb)[0]
+            self.rollout.call_all(RolloutWorker.update_weights, version, buckets=buckets)
+            sent = -1
+        seconds = time.monotonic() - t0
+        diff = self.check_sync()
+        out = {"sync/seconds": seconds, "sync/logprob_max_diff": diff,
+               "sync/buckets": float(len(buckets)) if self.transport != "nccl" else 0.0}
+        if sent >= 0:
+            out["sync/megabytes"] = sent / 2**20
+        return out
+
+    def check_sync(self) -> float:
+        if not self.probe:
+            return 0.0
+        ours = self.trainer.call_all(PPOTrainerWorker.probe_logprobs, self.probe)[0]
+        worst = 0.0
+        for r in range(self.rollout.num_actors):
+            theirs = self.rollout.call(r, RolloutWorker.prompt_logprobs, self.probe)
+            for a, b in zip(ours, theirs, strict=True):
+                worst = max([worst] + [abs(x - y) for x, y in zip(a, b, strict=True)])
+        if worst > self.tolerance:
+            raise WeightSyncError(
+                f"after sync to version {self.step} the rollout engine's log-probs differ from "
+                f"the trainer's by {worst:.3g} (> ppo.sync_tolerance={self.tolerance:g}): the "
+                "engine is not running the trained weights")
+        return worst
+
+    # --- rollouts -------------------------------------------------------------------------------
+
+    def submit(self, index: int) -> Batch:
+        cfg = self.cfg
+        s = cfg.rollout.sampling
+        prompts = self.stream.take(cfg.ppo.rollout_batch_size)
+        reqs = [GenerationRequest(request_id=pr.id, messages=pr.messages,
+                                  n=cfg.ppo.samples_per_prompt, temperature=s.temperature,
+                                  top_p=s.top_p, top_k=s.top_k,
+                                  repetition_penalty=s.repetition_penalty,
+                                  max_tokens=s.max_new_tokens, logprobs=True,
+                                  seed=request_seed(cfg.run.seed, pr.id, f"ppo{index}"))
+                for pr in prompts]
+        return Batch(index, prompts, self.stream.state_dict(),
+                     self.rollout.submit_shards(RolloutWorker.generate, reqs), time.monotonic())
+
+    def collect(self, batch: Batch) -> list[Sample]:
+        results = self.rollout.gather(batch.pending)
+        by_id = {p.id: p for p in batch.prompts}
+        return [Sample(by_id[res.request_id], res.prompt_token_ids, c.token_ids, c.text,
+                       c.logprobs, res.weight_version)
+                for res in results for c in res.completions]
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        cfg, p = self.cfg, self.cfg.ppo
+        m: dict[str, float] = {}
+        seqs: list[Sequence] = [(s.prompt_ids, s.response_ids) for s in samples]
+        lengths = [len(s.response_ids) for s in samples]
+        t0 = time.monotonic()
+        world = self.trainer.num_actors
+        bounds = [len(seqs) * r // world for r in range(world + 1)]
+        shards = [seqs[bounds[r]:bounds[r + 1]] for r in range(world)]
+        score_p = self.scorer.submit_shards(
+            RewardWorker.score, [(s.prompt.messages, s.text) for s in samples])
+        ref_p = self.reference.submit_shards(ReferenceWorker.logprobs, seqs)
+        exp_p = [self.trainer.submit(r, PPOTrainerWorker.experience, shards[r])
+                 for r in range(world)]
+        exp = self.trainer.get(exp_p)
+        m["time/experience"] = time.monotonic() - t0
+        scores = torch.tensor(self.scorer.gather(score_p), dtype=torch.float32)
+        m["time/score"] = time.monotonic() - t0
+        ref_flat = torch.cat(self.reference.get(ref_p))
+        m["time/reference"] = time.monotonic() - t0
+
+        t1 = time.monotonic()
+        old, mask = to_rows(torch.cat([e[0] for e in exp]), lengths)
+        ref, _ = to_rows(ref_flat, lengths)
+        values = to_rows(torch.cat([e[1] for e in exp]), lengths)[0] \
+            if exp[0][1] is not None else None
+        a = advantages(cfg, scores, old, ref, values, mask, self.kl.coef)
+        m["time/advantages"] = time.monotonic() - t1
+
+        t2 = time.monotonic()
+        flat = {k: v[mask] for k, v in (("old", old), ("adv", a["advantages"]))}
+        if "returns" in a and values is not None:
+            flat["ret"], flat["val"] = a["returns"][mask], values[mask]
+        tok_bounds = [sum(lengths[:b]) for b in bounds]
+        stats = self.trainer.get([self.trainer.submit(
+            r, PPOTrainerWorker.train_ppo, shards[r],
+            *[flat[k][tok_bounds[r]:tok_bounds[r + 1]] if k in flat else None
+              for k in ("old", "adv", "ret", "val")]) for r in range(world)])
+        m["time/train"] = time.monotonic() - t2
+        for k in stats[0]:
+            m[f"policy/{k}" if k not in ("value_loss", "value_clip_fraction") else
+              f"value/{k.removeprefix('value_')}"] = sum(s[k] for s in stats) / len(stats)
+
+        gap = [abs(x - y) for s, row in zip(samples, old.tolist(), strict=True)
+               if s.rollout_logprobs for x, y in zip(s.rollout_logprobs, row, strict=False)]
+        seq_kl = a["seq_kl"]
+        m.update({
+            "reward/score_mean": float(scores.mean()), "reward/score_std": float(scores.std())
+            if len(scores) > 1 else 0.0,
+            "reward/total_mean": float((scores - self.kl.coef * seq_kl).mean()),
+            "kl/mean": float(seq_kl.mean()), "kl/coef": self.kl.coef,
+            "kl/token_mean": float(masked_mean(torch.where(mask, old - ref, 0.0), mask)),
+            "response/length_mean": float(sum(lengths) / len(lengths)),
+            "rollout/logprob_gap": float(sum(gap) / len(gap)) if gap else 0.0,
+        })
+        self.kl.update(float(seq_kl.mean()), len(samples))
+        m["_scores"] = scores.tolist()  # type: ignore[assignment]
+        return m
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        cfg, p = self.cfg, self.cfg.ppo
+        final = self.dir / "model"
+        if self.ckpts.complete() and not self.resume:
+            raise ResumeError(f"{self.ckpts.root} holds checkpoints of an earlier run: pass "
+                              "--resume to continue it, or choose another --output")
+        t_start = time.monotonic()
+        with ray_session(cfg):
+            try:
+                self._start()
+                if self.resume:
+                    self._restore()
+                else:
+                    self._rewind(0)
+                self._loop()
+                save_group_model(self.trainer, TrainerWorker.save, final)
+            finally:
+                for g in reversed(self.groups):
+                    g.shutdown()
+        summary = self._summary(time.monotonic() - t_start)
+        (self.dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        log.info("PPO: %d steps; score %.3f → %.3f; KL %.3f; policy -> %s", p.steps,
+                 summary.get("score_first", float("nan")), summary.get("score_last",
+                                                                        float("nan")),
+                 summary.get("kl_last", float("nan")), final)
+        return final
+
+    def _loop(self) -> None:
+        cfg, p = self.cfg, self.cfg.ppo
+        tracker = Tracker(cfg.tracking, f"{cfg.run.name}-ppo", self.dir, cfg.to_dict())
+        consumed = (self.dir / "consumed.jsonl").open("a", encoding="utf-8")
+        inflight: deque[Batch] = deque()
+        next_index = self.step
+        bar = tqdm(total=p.steps, initial=self.step, desc="RL-CAI PPO", unit="step")
+        try:
+            while self.step < p.steps:
+                t_step = time.monotonic()
+                while len(inflight) <= p.max_staleness and next_index < p.steps:
+                    inflight.append(self.submit(next_index))
+                    next_index += 1
+                batch = inflight.popleft()
+                assert batch.index == self.step
+                t0 = time.monotonic()
+                samples = self.collect(batch)
+                m: dict[str, Any] = {"time/generate_wait": time.monotonic() - t0,
+                                     "time/generate": time.monotonic() - batch.submitted}
+                versions = [s.weight_version for s in samples]
+                stale = self.step - min(versions)
+                if stale > p.max_staleness:
+                    raise StalenessError(f"step {self.step}: batch made with weights "
+                                         f"v{min(versions)}, {stale} versions old "
+                                         f"(> ppo.max_staleness={p.max_staleness})")
+                if self.probe is None:
+                    self.probe = [samples[0].prompt_ids + samples[0].response_ids]
+                m.update(self.train_step(samples))
+                scores = m.pop("_scores")
+                self.step += 1
+                m.update(self.sync())
+                m.update({"version/trainer": self.step - 1, "version/batch": min(versions),
+                          "staleness/max": stale, "staleness/mean":
+                          sum(self.step - 1 - v for v in versions) / len(versions)})
+                consumed.write(json.dumps({"step": self.step,
+                                           "prompts": [x.id for x in batch.prompts],
+                                           "version": min(versions)}) + "\n")
+                consumed.flush()
+                if self.step % p.checkpoint_every == 0 or self.step == p.steps:
+                    t_ck = time.monotonic()
+                    self.checkpoint(batch)
+                    m["time/checkpoint"] = time.monotonic() - t_ck
+                m["time/step"] = time.monotonic() - t_step
+                tokens = sum(len(s.response_ids) for s in samples)
+                m["throughput/tokens_per_s"] = tokens / m["time/step"]
+                m["throughput/episodes_per_s"] = len(samples) / m["time/step"]
+                tracker.log(m, step=self.step)
+                if self.step % cfg.tracking.sample_table_every == 0 or self.step == 1:
+                    tracker.table("samples", ["prompt", "response", "score", "version"],
+                                  [[s.prompt.text, s.text, sc, s.weight_version]
+                                   for s, sc in list(zip(samples, scores, strict=True))[:8]],
+                                  step=self.step)
+                bar.set_postfix(score=f"{m['reward/score_mean']:.3f}",
+                                kl=f"{m['kl/mean']:.3f}", stale=stale)
+                bar.update(1)
+        finally:
+            bar.close()
+            consumed.close()
+            tracker.close()
+
+    def checkpoint(self, batch: Batch) -> Path:
+        tmp = self.ckpts.begin(self.step)
+        self.trainer.call_all(PPOTrainerWorker.save_checkpoint, str(tmp))
+        return self.ckpts.commit(tmp, self.step, {
+            "weight_version": self.step, "stream": batch.stream_state,
+            "kl_coef": self.kl.coef, "probe": self.probe})
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        rows = [json.loads(x) for x in (self.dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "reward/score_mean" in r]
+        out: dict[str, Any] = {"steps": self.step, "seconds": seconds}
+        if rows:
+            k = max(1, min(5, len(rows) // 2))
+            out.update({
+                "score_first": sum(r["reward/score_mean"] for r in rows[:k]) / k,
+                "score_last": sum(r["reward/score_mean"] for r in rows[-k:]) / k,
+                "kl_last": rows[-1]["kl/mean"],
+                "sync_max_diff": max(r["sync/logprob_max_diff"] for r in rows),
+                "staleness_max": max(r["staleness/max"] for r in rows),
+                "score_curve": [round(r["reward/score_mean"], 4) for r in rows],
+                "kl_curve": [round(r["kl/mean"], 4) for r in rows],
+            })
+        return out
+
+
+def run_ppo(cfg: Config, out_dir: Path, resume: bool = False) -> Path:
+    final = out_dir / "ppo" / "model"
+    if (final / "config.json").exists():
+        log.info("PPO policy already trained in %s; skipping", final)
+        return final
+    return PPORun(cfg, out_dir, resume).run()
