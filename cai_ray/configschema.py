@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -146,6 +147,9 @@ def _convert(value: Any, tp: Any, path: str, problems: list[Problem],
                 for k, v in value.items()}
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "5e-4" (no dot in the mantissa) as a string; it means a number.
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
             return float(value)
         problems.append(bad)
         return None

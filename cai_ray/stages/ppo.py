@@ -28,6 +28,8 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,20 +184,31 @@ class PPORun:
         batch = p.rollout_batch_size * p.samples_per_prompt
         opt_steps = p.steps * p.ppo_epochs * (batch // p.mini_batch_size)
         critic = self.reward if p.advantage == "gae" else None
-        self.rollout = rollout_group(cfg, self.policy)
-        self.groups.append(self.rollout)
-        self.scorer = reward_group(cfg, self.reward, None)
-        self.groups.append(self.scorer)
-        self.reference = role_group(cfg, "reference", ReferenceWorker,
-                                    (self.policy, cfg.trainer.dtype, cfg.trainer.max_length,
-                                     cfg.trainer.micro_batch_size))
-        self.groups.append(self.reference)
-        self.trainer = role_group(
-            cfg, "trainer", PPOTrainerWorker,
-            (self.policy, cfg.trainer, p, critic, self.device, cfg.run.seed), env,
-            lambda g: start_ranks(g, PPOTrainerWorker.setup, opt_steps,
-                                  cfg.run.startup_timeout_s))
-        self.groups.append(self.trainer)
+        # The four groups start at once (model loads and engine start-up overlap).
+        makers: dict[str, Callable[[], ActorGroup[Any]]] = {
+            "rollout": lambda: rollout_group(cfg, self.policy),
+            "reward": lambda: reward_group(cfg, self.reward, None),
+            "reference": lambda: role_group(
+                cfg, "reference", ReferenceWorker,
+                (self.policy, cfg.trainer.dtype, cfg.trainer.max_length,
+                 cfg.trainer.micro_batch_size)),
+            "trainer": lambda: role_group(
+                cfg, "trainer", PPOTrainerWorker,
+                (self.policy, cfg.trainer, p, critic, self.device, cfg.run.seed), env,
+                lambda g: start_ranks(g, PPOTrainerWorker.setup, opt_steps,
+                                      cfg.run.startup_timeout_s)),
+        }
+        with ThreadPoolExecutor(len(makers)) as pool:
+            futures = {name: pool.submit(make) for name, make in makers.items()}
+            errors = []
+            for name, fut in futures.items():
+                try:
+                    self.groups.append(fut.result())
+                except BaseException as e:  # noqa: BLE001 - the first one is raised below
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+        self.rollout, self.scorer, self.reference, self.trainer = self.groups
         if self.transport == "nccl":
             self._join_nccl()
 

@@ -112,3 +112,12 @@ def test_bad_model_and_data_names_are_reported() -> None:
                         check_env=True)
     paths = {p.path for p in probs}
     assert "model.path" in paths and "data.red_team.name" in paths
+
+
+def test_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
+    """YAML 1.1 reads 5e-4 as a string; a float field takes it as the number it means."""
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  lr: 5e-4\n")
+    cfg = load_config(f, ["reward.lr=2E-5"])
+    assert cfg.trainer.lr == 5e-4 and cfg.reward.lr == 2e-5
+    assert problems_of(f, ["trainer.lr=5e-x"])[0].path == "trainer.lr"

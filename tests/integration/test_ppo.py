@@ -1,0 +1,147 @@
+"""RL-CAI PPO on the tiny model: it learns what the PM rewards, engines and trainer agree after
+every sync, the staleness bound holds, and a SIGKILLed run resumes consuming each prompt once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cai_ray.config import load_config
+from cai_ray.data import PromptStream
+from cai_ray.models import load_tokenizer
+from cai_ray.stages.ppo import ppo_prompts, run_ppo
+from cai_ray.stages.rm import run_rm
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "cpu-tiny.yaml"
+DIGITS = list(range(18, 28))  # tiny-llama ids of "0".."9": the marker the PM learns to like
+LETTERS = list(range(65, 91))  # ids of "a".."z"
+
+
+@pytest.fixture(scope="module")
+def marker_pm(ray_local, tiny_model_dir, tmp_path_factory) -> Path:
+    """A PM trained on planted pairs: the same letters, but the preferred one has digits."""
+    cfg = load_config(TINY, ["reward.lr=0.002", "reward.epochs=2", "reward.micro_batch_size=8",
+                             "reward.eval_fraction=0.2"])
+    tok = load_tokenizer(cfg.model)
+    rng = random.Random(0)
+    rows = []
+    for i in range(300):
+        base = [rng.choice(LETTERS) for _ in range(rng.randint(6, 16))]
+        good = list(base)
+        for j in rng.sample(range(len(base)), k=len(base) // 2):
+            good[j] = rng.choice(DIGITS)
+        a_good = rng.random() < 0.5
+        g, b = tok.decode(good), tok.decode(base)
+        rows.append({"prompt": f"Question {i}", "response_a": g if a_good else b,
+                     "response_b": b if a_good else g, "p_a": 1.0 if a_good else 0.0})
+    out = tmp_path_factory.mktemp("marker_pm")
+    (out / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    model = run_rm(cfg, out, str(out / "pairs.jsonl"))
+    assert json.loads((out / "rm" / "metrics.json").read_text())["held_out"]["all"][
+        "accuracy"] >= 0.9
+    return model
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "table" not in r]
+
+
+def test_ppo_learns_what_the_pm_rewards_with_streaming(marker_pm: Path, tmp_path: Path) -> None:
+    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=30", "trainer.lr=1e-3",
+                             "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=2",
+                             "ppo.mini_batch_size=8", "ppo.checkpoint_every=10",
+                             "ppo.max_staleness=1", "ppo.kl_coef=0.01"])
+    final = run_ppo(cfg, tmp_path)
+    assert (final / "config.json").exists()
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    score = [r["reward/score_mean"] for r in rows]
+    first, last = sum(score[:5]) / 5, sum(score[-5:]) / 5
+    spread = max(r["reward/score_std"] for r in rows[:5])
+    assert last > first + 2 * spread, (first, last, spread, score)
+    kl = [r["kl/mean"] for r in rows]
+    assert all(abs(k) < 64 for k in kl), kl  # nats per 16-token response
+    # The engine runs exactly the trainer's weights after every sync (float32 on both sides).
+    assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)
+    # Streaming: no batch more than one version old, and some batches were (the overlap ran).
+    stale = [r["staleness/max"] for r in rows]
+    assert max(stale) == 1 and all(r["version/trainer"] - r["version/batch"] <= 1 for r in rows)
+    for key in ("time/generate", "time/score", "time/reference", "time/advantages",
+                "time/train", "sync/seconds", "policy/clip_fraction", "value/loss",
+                "policy/entropy", "response/length_mean", "throughput/tokens_per_s"):
+        assert key in rows[-1], key
+    summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
+    assert summary["steps"] == 30 and len(summary["score_curve"]) == 30
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float) -> None:
+    path = run / "ppo" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        if path.exists() and any(json.loads(x).get("step", 0) >= step
+                                 for x in path.read_text().splitlines() if x.strip()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no step {step} within {timeout} s")
+
+
+def test_killed_driver_resumes_consuming_every_prompt_once(marker_pm: Path,
+                                                            tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "cai_ray.cli", "ppo", "--config", str(TINY), "--output",
+            str(tmp_path), f"ppo.reward_model={marker_pm}", "ppo.steps=12",
+            "ppo.checkpoint_every=3", "ppo.keep_checkpoints=2", "ppo.max_staleness=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(tmp_path, 4, proc, timeout=400)  # past the checkpoint at step 3
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        time.sleep(2)
+        try:  # Ray's processes of that run go with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "ppo" / "model").exists()
+
+    # Without --resume the earlier run's checkpoints are not silently overwritten.
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "--resume" in p.stderr
+
+    p = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = re.search(r"resumed from step-(\d{8})", p.stderr)
+    assert m and int(m.group(1)) in (3, 6, 9), p.stderr[-3000:]
+
+    consumed = [json.loads(x) for x in
+                (tmp_path / "ppo" / "consumed.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in consumed] == list(range(1, 13))
+    cfg = load_config(TINY, [])
+    expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(12 * 4)
+    assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
+    # Synchronous mode: every batch was made with the trainer's current weights.
+    assert all(c["version"] == c["step"] - 1 for c in consumed)
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(r["staleness/max"] == 0 for r in rows)
+    ckpts = sorted(p.name for p in (tmp_path / "ppo" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000009", "step-00000012"]  # the last two; no torn ones
+    state = json.loads((tmp_path / "ppo" / "checkpoints" / "step-00000012" /
+                        "state.json").read_text())
+    assert state["step"] == 12 and state["weight_version"] == 12
+    assert (tmp_path / "ppo" / "model" / "config.json").exists()
