@@ -252,6 +252,8 @@ class RoleResources:
     num_gpus: float = option(0.0, "GPUs per actor (fractions when colocated)", non_negative)
     threads: int | None = option(None, "torch threads inside each actor; null = num_cpus",
                                  positive)
+    cpu_affinity: list[int] | None = option(None, "pin this role's processes to these CPU "
+                                            "cores (same node); null = no pinning")
 
 
 def _role(num_actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
@@ -282,6 +284,9 @@ class PlacementConfig:
                     out.append((f"colocate[{i}]", f"role {role!r} is in two colocated groups"))
                 seen.add(role)
         for role in ROLES:
+            cores = getattr(self, role).cpu_affinity or []
+            if any(c < 0 for c in cores):
+                out.append((f"{role}.cpu_affinity", f"core ids must be >= 0, got {cores}"))
             g = getattr(self, role).num_gpus
             if g > 1 and g != int(g):
                 out.append((f"{role}.num_gpus", f"above 1 must be a whole number, got {g}"))

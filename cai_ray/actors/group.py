@@ -60,6 +60,7 @@ class WorkerContext:
     rank: int
     world_size: int
     threads: int | None = None  # torch intra-op threads; None leaves the process default
+    cpu_affinity: tuple[int, ...] | None = None  # cores this actor's process may run on
 
 
 class Worker:
@@ -68,6 +69,8 @@ class Worker:
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
+        if ctx.cpu_affinity:  # before any thread pool starts: new threads inherit it
+            os.sched_setaffinity(0, ctx.cpu_affinity)
         if ctx.threads:
             import torch
 
@@ -152,7 +155,8 @@ class ActorGroup(Generic[W]):
         self._actors: list[Any] = []
         n = resources.num_actors
         threads = resources.threads or max(1, int(resources.num_cpus))
-        ctxs = [WorkerContext(role, r, n, threads) for r in range(n)]
+        affinity = tuple(resources.cpu_affinity) if resources.cpu_affinity else None
+        ctxs = [WorkerContext(role, r, n, threads, affinity) for r in range(n)]
         kwargs = init_kwargs or {}
         t0 = time.monotonic()
         if local:

@@ -24,8 +24,13 @@ import torch
 
 from cai_ray.actors.group import Worker, WorkerContext
 from cai_ray.actors.reward import TokenValueModel, load_reward_model
-from cai_ray.actors.trainer import (Sequence, TrainerWorker, ds_config, pack_sequences,
-                                    token_logprobs)
+from cai_ray.actors.trainer import (
+    Sequence,
+    TrainerWorker,
+    ds_config,
+    pack_sequences,
+    token_logprobs,
+)
 from cai_ray.actors.weight_sync import Named, TensorMeta, cut_buckets, nccl_group, nccl_send
 from cai_ray.actors.weight_sync import publish as publish_buckets
 from cai_ray.algorithms.masked import masked_mean
@@ -70,7 +75,9 @@ class PPOTrainerWorker(TrainerWorker):
         return n
 
     def _pack(self, seqs: list[Sequence]) -> tuple[Any, Any, Any]:
-        return pack_sequences(seqs, _pad_id(self.tokenizer), self.cfg.max_length)
+        dev = self.engine.device
+        return tuple(x.to(dev) for x in pack_sequences(seqs, _pad_id(self.tokenizer),
+                                                       self.cfg.max_length))
 
     def _values(self, ids: Any, attn: Any, mask: Any) -> Any:
         """Critic value of the state before each response token: flat [N]."""
@@ -91,7 +98,7 @@ class PPOTrainerWorker(TrainerWorker):
                 lps.append(token_logprobs(self.engine.module, ids, attn, mask)[0])
                 if self.critic is not None:
                     vals.append(self._values(ids, attn, mask))
-        return torch.cat(lps), torch.cat(vals) if vals else None
+        return torch.cat(lps).cpu(), torch.cat(vals).cpu() if vals else None
 
     def train_ppo(self, seqs: list[Sequence], old_logprobs: Any, advantages: Any,
                   returns: Any | None, old_values: Any | None) -> dict[str, float]:
@@ -106,7 +113,7 @@ class PPOTrainerWorker(TrainerWorker):
             starts.append(starts[-1] + n)
 
         def take(x: Any, idx: list[int]) -> Any:
-            return torch.cat([x[starts[i]:starts[i + 1]] for i in idx])
+            return torch.cat([x[starts[i]:starts[i + 1]] for i in idx]).to(self.engine.device)
 
         per_rank = p.mini_batch_size // self.ctx.world_size
         mb = self.cfg.micro_batch_size
@@ -234,17 +241,19 @@ class ReferenceWorker(Worker):
     """The frozen initial policy, for the KL term: log-probs of response tokens, no optimizer."""
 
     def __init__(self, ctx: WorkerContext, model: ModelSpec, dtype: str, max_length: int,
-                 micro_batch_size: int):
+                 micro_batch_size: int, device: str = "cpu"):
         super().__init__(ctx)
         self.tokenizer = load_tokenizer(model)
-        self.model = load_causal_lm(model, dtype).eval()
+        self.device = device
+        self.model = load_causal_lm(model, dtype, device).eval()
         self.max_length, self.mb = max_length, micro_batch_size
 
     def logprobs(self, seqs: list[Sequence]) -> Any:
         out = []
         with torch.no_grad():
             for i in range(0, len(seqs), self.mb):
-                ids, attn, mask = pack_sequences(seqs[i:i + self.mb], _pad_id(self.tokenizer),
-                                                 self.max_length)
-                out.append(token_logprobs(self.model, ids, attn, mask)[0])
+                batch = pack_sequences(seqs[i:i + self.mb], _pad_id(self.tokenizer),
+                                       self.max_length)
+                ids, attn, mask = (x.to(self.device) for x in batch)
+                out.append(token_logprobs(self.model, ids, attn, mask)[0].cpu())
         return torch.cat(out)

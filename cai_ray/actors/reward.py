@@ -67,6 +67,17 @@ def load_reward_model(spec: ModelSpec, dtype: torch.dtype,
     return model
 
 
+def save_reward_model(model: ScalarRewardModel, tokenizer: Any, out: Path) -> None:
+    """Backbone (save_pretrained), head and tokenizer: the directory `load_reward_model` reads."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(out, safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()},
+              str(out / HEAD_FILE))
+    tokenizer.save_pretrained(out)
+
+
 class RewardWorker(DistributedWorker):
     def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
                  device: str = "cpu", seed: int = 0):
@@ -97,7 +108,8 @@ class RewardWorker(DistributedWorker):
     def load_for_scoring(self) -> None:
         """Scoring only (PPO's reward role): no optimizer, no process group."""
         torch.manual_seed(self.seed)
-        self.model = load_reward_model(self.spec, self.dtype).eval()
+        self.model = load_reward_model(self.spec, self.dtype).eval().to(
+            "cuda" if self.device == "cuda" else "cpu")
 
     def _batch(self, items: list[tuple[list[dict[str, str]], str]]
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +126,8 @@ class RewardWorker(DistributedWorker):
     def _scores(self, items: list[tuple[list[dict[str, str]], str]]) -> torch.Tensor:
         assert self.model is not None, "call setup() or load_for_scoring() first"
         ids, attn = self._batch(items)
-        return self.model(ids, attn)
+        dev = next(self.model.parameters()).device
+        return self.model(ids.to(dev), attn.to(dev))
 
     def train_step(self, batch: list[Comparison]) -> TrainStats:
         """One micro-batch of comparisons: both responses scored in one forward pass."""
@@ -124,7 +137,7 @@ class RewardWorker(DistributedWorker):
             [(c.messages, c.response_b) for c in batch]
         r = self._scores(items)
         n = len(batch)
-        p = torch.tensor([c.p_a for c in batch], dtype=torch.float32)
+        p = torch.tensor([c.p_a for c in batch], dtype=torch.float32, device=r.device)
         loss = soft_preference_loss(r[:n], r[n:], p)
         self.engine.backward(loss)
         self.engine.step()
@@ -139,11 +152,10 @@ class RewardWorker(DistributedWorker):
         assert self.model is not None
         self.model.eval()
         with torch.no_grad():
-            return [float(x) for x in self._scores(items)]
+            return [float(x) for x in self._scores(items).cpu()]
 
     def save(self, path: str) -> str:
         import deepspeed
-        from safetensors.torch import save_file
 
         assert self.model is not None
         # Under ZeRO-3 every rank must join the gather, in the same order; rank 0 writes.
@@ -151,12 +163,7 @@ class RewardWorker(DistributedWorker):
                                                enabled=self.cfg.zero_stage == 3 and
                                                self.engine is not None):
             if self.ctx.rank == 0:
-                out = Path(path)
-                out.mkdir(parents=True, exist_ok=True)
-                self.model.backbone.save_pretrained(out, safe_serialization=True)
-                save_file({k: v.contiguous() for k, v in self.model.head.state_dict().items()},
-                          str(out / HEAD_FILE))
-                self.tokenizer.save_pretrained(out)
+                save_reward_model(self.model, self.tokenizer, Path(path))
         return path
 
     def close(self) -> None:

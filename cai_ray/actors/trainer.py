@@ -223,7 +223,8 @@ class TrainerWorker(DistributedWorker):
             ids[i, : len(x)] = torch.tensor(x)
             attn[i, : len(x)] = 1
             mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-        return ids, attn, mask
+        dev = self.engine.device
+        return ids.to(dev), attn.to(dev), mask.to(dev)
 
     def sequence_logprobs(self, ids: Any, attn: Any, mask: Any) -> Any:
         """log p of every masked token given its prefix: [N] in row-major order."""

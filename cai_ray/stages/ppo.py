@@ -44,9 +44,16 @@ from cai_ray.actors.reward import HEAD_FILE, RewardWorker
 from cai_ray.actors.rollout import RolloutWorker
 from cai_ray.actors.trainer import Sequence, TrainerWorker, save_group_model, start_ranks
 from cai_ray.algorithms.masked import masked_mean, masked_sum, masked_whiten
-from cai_ray.algorithms.ppo import (AdaptiveKLController, FixedKLController,
-                                    broadcast_sequence_advantage, gae, grpo_advantages,
-                                    kl_penalty, rloo_advantages, token_rewards)
+from cai_ray.algorithms.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    broadcast_sequence_advantage,
+    gae,
+    grpo_advantages,
+    kl_penalty,
+    rloo_advantages,
+    token_rewards,
+)
 from cai_ray.checkpoint import Checkpoints, rewind_jsonl
 from cai_ray.config import Config, ModelSpec
 from cai_ray.data import PromptStream, load_prompts
@@ -191,7 +198,7 @@ class PPORun:
             "reference": lambda: role_group(
                 cfg, "reference", ReferenceWorker,
                 (self.policy, cfg.trainer.dtype, cfg.trainer.max_length,
-                 cfg.trainer.micro_batch_size)),
+                 cfg.trainer.micro_batch_size, self.device)),
             "trainer": lambda: role_group(
                 cfg, "trainer", PPOTrainerWorker,
                 (self.policy, cfg.trainer, p, critic, self.device, cfg.run.seed), env,
@@ -201,7 +208,7 @@ class PPORun:
         with ThreadPoolExecutor(len(makers)) as pool:
             futures = {name: pool.submit(make) for name, make in makers.items()}
             errors = []
-            for name, fut in futures.items():
+            for fut in futures.values():
                 try:
                     self.groups.append(fut.result())
                 except BaseException as e:  # noqa: BLE001 - the first one is raised below
@@ -320,7 +327,7 @@ class PPORun:
     # --- one step -------------------------------------------------------------------------------
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
-        cfg, p = self.cfg, self.cfg.ppo
+        cfg = self.cfg
         m: dict[str, float] = {}
         seqs: list[Sequence] = [(s.prompt_ids, s.response_ids) for s in samples]
         lengths = [len(s.response_ids) for s in samples]

@@ -1,0 +1,89 @@
+"""Atomic checkpoints, log rewinding, weight buckets and the PPO driver's tensor glue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai_ray.actors.weight_sync import cut_buckets, iterate, payload_bytes, publish
+from cai_ray.checkpoint import Checkpoints, rewind_jsonl
+from cai_ray.config import load_config
+from cai_ray.stages.ppo import advantages, to_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_commit_is_atomic_keeps_the_newest_and_ignores_torn(tmp_path: Path) -> None:
+    ck = Checkpoints(tmp_path / "ck", keep=2)
+    assert ck.latest() == (None, None)
+    for step in (2, 4, 6):
+        tmp = ck.begin(step)
+        (tmp / "weights.bin").write_bytes(b"x" * step)
+        assert ck.latest()[0] is None or ck.latest()[1]["step"] < step  # not visible yet
+        ck.commit(tmp, step, {"stream": {"position": step}})
+    assert [s for s, _ in ck.complete()] == [4, 6]
+    path, state = ck.latest()
+    assert path is not None and path.name == "step-00000006"
+    assert state == {"step": 6, "stream": {"position": 6}}
+    # A save killed half-way leaves a .tmp that is never read and is cleaned on resume.
+    torn = ck.begin(8)
+    (torn / "weights.bin").write_bytes(b"partial")
+    assert ck.latest()[1]["step"] == 6
+    assert ck.clean_torn() == [torn] and not torn.exists()
+    # Saving a step again (after a resume) replaces it whole.
+    tmp = ck.begin(6)
+    ck.commit(tmp, 6, {"stream": {"position": 60}})
+    assert ck.latest()[1]["stream"]["position"] == 60 and not ck.torn()
+
+
+def test_rewind_jsonl_drops_later_steps_and_a_torn_line(tmp_path: Path) -> None:
+    f = tmp_path / "log.jsonl"
+    f.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in range(1, 7))
+                 + '{"step": 7, "x"')
+    assert rewind_jsonl(f, 4) == 3
+    assert [json.loads(x)["step"] for x in f.read_text().splitlines()] == [1, 2, 3, 4]
+    assert rewind_jsonl(f, 4) == 0 and rewind_jsonl(tmp_path / "none.jsonl", 1) == 0
+
+
+def test_buckets_keep_order_and_size() -> None:
+    named = [(f"w{i}", torch.zeros(256)) for i in range(10)]  # 1 KiB each
+    named.insert(3, ("big", torch.zeros(4096)))  # 16 KiB: a bucket of its own
+    buckets = cut_buckets(named, 3 * 1024)
+    assert [len(b) for b in buckets] == [3, 1, 3, 3, 1]
+    assert [n for n, _ in iterate(publish(buckets))] == [n for n, _ in named]  # no Ray here
+    assert payload_bytes(buckets) == 10 * 1024 + 16 * 1024
+
+
+def test_to_rows_round_trips_flat_token_values() -> None:
+    flat = torch.arange(6, dtype=torch.float32)
+    rows, mask = to_rows(flat, [1, 3, 2])
+    assert rows.tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 0]]
+    assert torch.equal(rows[mask], flat)
+    with pytest.raises(ValueError):
+        to_rows(flat, [2, 2])
+
+
+def test_advantages_gae_and_grpo_use_the_pm_score_and_the_kl() -> None:
+    cfg = load_config(ROOT / "configs" / "cpu-tiny.yaml",
+                      ["ppo.whiten_advantages=false", "ppo.lam=1.0"])
+    mask = torch.tensor([[True, True], [True, False]])
+    old = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0], [-1.0, 0.0]])
+    scores = torch.tensor([1.0, -1.0])
+    values = torch.zeros(2, 2)
+    out = advantages(cfg, scores, old, ref, values, mask, kl_coef=0.1)
+    # k1 KL: 0.5 on the first token of row 0; γ = λ = 1 with zero values: the advantage is
+    # the reward-to-go, score − β·KL of the remaining tokens.
+    assert out["seq_kl"].tolist() == pytest.approx([0.5, 0.0])
+    torch.testing.assert_close(out["advantages"], torch.tensor([[1.0 - 0.05, 1.0], [-1.0, 0.0]]))
+    assert torch.equal(out["returns"], out["advantages"])
+    cfg = load_config(ROOT / "configs" / "cpu-tiny.yaml",
+                      ["ppo.advantage=grpo", "ppo.samples_per_prompt=2",
+                       "ppo.whiten_advantages=false"])
+    out = advantages(cfg, scores, old, ref, None, mask, kl_coef=0.0)
+    torch.testing.assert_close(out["advantages"], torch.tensor([[1.0, 1.0], [-1.0, 0.0]]),
+                               atol=1e-4, rtol=0)
+    assert "returns" not in out
