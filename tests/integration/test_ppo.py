@@ -145,3 +145,32 @@ def test_killed_driver_resumes_consuming_every_prompt_once(marker_pm: Path,
                         "state.json").read_text())
     assert state["step"] == 12 and state["weight_version"] == 12
     assert (tmp_path / "ppo" / "model" / "config.json").exists()
+
+
+def test_sync_check_catches_an_engine_on_stale_weights(marker_pm: Path, tmp_path: Path) -> None:
+    from cai_ray.actors.rollout import RolloutWorker
+    from cai_ray.stages.ppo import PPORun, WeightSyncError
+
+    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "trainer.lr=1e-2"])
+    run = PPORun(cfg, tmp_path, resume=False)
+    try:
+        run._start()
+        samples = run.collect(run.submit(0))
+        run.probe = [samples[0].prompt_ids + samples[0].response_ids]
+        run.train_step(samples)
+        run.step = 1
+        assert run.sync()["sync/logprob_max_diff"] < 1e-3
+        # Put the initial weights back into the engine behind the driver's back.
+        initial = str(tiny_model_dir_path())
+        run.rollout.call(0, RolloutWorker.update_weights, 1, path=initial)
+        with pytest.raises(WeightSyncError, match="sync_tolerance"):
+            run.check_sync()
+    finally:
+        for g in reversed(run.groups):
+            g.shutdown()
+
+
+def tiny_model_dir_path() -> Path:
+    from cai_ray.models import resolve
+
+    return Path(resolve(load_config(TINY, []).model))
