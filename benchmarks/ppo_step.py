@@ -164,7 +164,8 @@ def trl_grpo(cfg: Config, pm: Path, P: int, G: int, L: int, steps: int) -> float
         max_completion_length=L, beta=cfg.ppo.kl_coef, learning_rate=cfg.trainer.lr,
         temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
         bf16=True, use_cpu=True, max_steps=steps, logging_steps=1, save_strategy="no",
-        report_to="none", seed=cfg.run.seed, dataloader_num_workers=0)
+        report_to="none", seed=cfg.run.seed, dataloader_num_workers=0,
+        lr_scheduler_type="constant")
     trainer = GRPOTrainer(model=resolve(cfg.model), reward_funcs=reward, args=args,
                           train_dataset=data, callbacks=[Clock()])
     trainer.train()

@@ -58,3 +58,19 @@ def test_keys_lists_help() -> None:
 def test_unknown_builtin_model() -> None:
     p = cli("models", "prepare", "gpt-5")
     assert p.returncode == 2 and "choose from smollm2, tiny-llama" in p.stderr
+
+
+def test_ppo_without_a_preference_model_says_what_to_run(tmp_path: Path) -> None:
+    p = cli("ppo", "--config", "configs/cpu-tiny.yaml", "--output", str(tmp_path),
+            "run.local_mode=true")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "no trained preference model" in p.stderr and "cai-ray rm" in p.stderr
+    assert "--resume" in cli("ppo", "--help").stdout
+
+
+def test_ppo_batch_shapes_are_checked_up_front() -> None:
+    p = cli("validate", "--config", "configs/cpu-tiny.yaml", "ppo.mini_batch_size=3",
+            "ppo.advantage=grpo")
+    assert p.returncode == 2
+    assert "ppo.mini_batch_size: must be a multiple of trainer.micro_batch_size" in p.stderr
+    assert "ppo.samples_per_prompt: advantage=grpo needs >= 2" in p.stderr
