@@ -151,13 +151,17 @@ def test_sync_check_catches_an_engine_on_stale_weights(marker_pm: Path, tmp_path
     from cai_ray.actors.rollout import RolloutWorker
     from cai_ray.stages.ppo import PPORun, WeightSyncError
 
-    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "trainer.lr=1e-2"])
+    # The critic-free path (GRPO: no value model on the trainer) on the way.
+    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "trainer.lr=1e-2",
+                             "ppo.advantage=grpo", "ppo.samples_per_prompt=2"])
     run = PPORun(cfg, tmp_path, resume=False)
     try:
         run._start()
         samples = run.collect(run.submit(0))
+        assert len(samples) == 8 and samples[0].prompt.id == samples[1].prompt.id
         run.probe = [samples[0].prompt_ids + samples[0].response_ids]
-        run.train_step(samples)
+        m = run.train_step(samples)
+        assert "value/loss" not in m and m["policy/approx_kl"] >= 0.0
         run.step = 1
         assert run.sync()["sync/logprob_max_diff"] < 1e-3
         # Put the initial weights back into the engine behind the driver's back.
