@@ -421,6 +421,7 @@ class PPORun:
         inflight: deque[Batch] = deque()
         next_index = self.step
         bar = tqdm(total=p.steps, initial=self.step, desc="RL-CAI PPO", unit="step")
+        ckpt_s: float | None = None
         try:
             while self.step < p.steps:
                 t_step = time.monotonic()
@@ -452,20 +453,23 @@ class PPORun:
                                            "prompts": [x.id for x in batch.prompts],
                                            "version": min(versions)}) + "\n")
                 consumed.flush()
-                if self.step % p.checkpoint_every == 0 or self.step == p.steps:
-                    t_ck = time.monotonic()
-                    self.checkpoint(batch)
-                    m["time/checkpoint"] = time.monotonic() - t_ck
                 m["time/step"] = time.monotonic() - t_step
+                if ckpt_s is not None:  # the previous step's checkpoint
+                    m["time/checkpoint"], ckpt_s = ckpt_s, None
                 tokens = sum(len(s.response_ids) for s in samples)
                 m["throughput/tokens_per_s"] = tokens / m["time/step"]
                 m["throughput/episodes_per_s"] = len(samples) / m["time/step"]
+                # Logged before the checkpoint, so a checkpointed step always has its metrics.
                 tracker.log(m, step=self.step)
                 if self.step % cfg.tracking.sample_table_every == 0 or self.step == 1:
                     tracker.table("samples", ["prompt", "response", "score", "version"],
                                   [[s.prompt.text, s.text, sc, s.weight_version]
                                    for s, sc in list(zip(samples, scores, strict=True))[:8]],
                                   step=self.step)
+                if self.step % p.checkpoint_every == 0 or self.step == p.steps:
+                    t_ck = time.monotonic()
+                    self.checkpoint(batch)
+                    ckpt_s = time.monotonic() - t_ck
                 bar.set_postfix(score=f"{m['reward/score_mean']:.3f}",
                                 kl=f"{m['kl/mean']:.3f}", stale=stale)
                 bar.update(1)
