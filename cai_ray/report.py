@@ -63,6 +63,41 @@ def elo_plot(elo: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def steps_plot(elo: dict[str, Any], final_step: int, out: Path) -> Path | None:
+    """Elo of the RL snapshots over PPO steps (with intervals); the initial and SL snapshots
+    as horizontal references."""
+    from cai_ray.stages.evaluate import snapshot_step
+
+    rl = [(snapshot_step(n, final_step), n) for n in elo["snapshots"]]
+    rl = sorted((s, n) for s, n in rl if s is not None)
+    if len(rl) < 2:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, aspect in zip(axes, ("harmless", "helpful"), strict=True):
+        for judge in ("judge", "pm"):
+            t = elo["elo"].get(f"{judge}/{aspect}")
+            if not t:
+                continue
+            xs = [s for s, _ in rl]
+            ys = [t[n]["elo"] for _, n in rl]
+            ax.plot(xs, ys, marker="o", label=f"RL ({'AI judge' if judge == 'judge' else 'PM'})")
+            ax.fill_between(xs, [t[n]["low"] for _, n in rl], [t[n]["high"] for _, n in rl],
+                            alpha=0.2)
+            for ref in elo["snapshots"]:
+                if snapshot_step(ref, final_step) is None and ref != elo["snapshots"][0]:
+                    ax.axhline(t[ref]["elo"], ls="--", lw=0.8, label=f"{ref} ({judge})")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("PPO step")
+        ax.set_title(f"{aspect}ness Elo over PPO steps")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "elo_steps.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def scatter_plot(elo: dict[str, Any], out: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -163,6 +198,10 @@ def write_report(run_dir: str | Path) -> Path:
         sc = scatter_plot(elo, out)
         if sc:
             img.append(f'<img src="report/{sc.name}" alt="harmlessness vs helpfulness">')
+        final = max([r["step"] for r in _jsonl(run / "ppo" / "metrics.jsonl")] or [0])
+        st = steps_plot(elo, final, out)
+        if st:
+            img.append(f'<img src="report/{st.name}" alt="Elo over PPO steps">')
         judge = elo.get("evasiveness_judge")
         jtxt = (f"<p>Evasiveness judge accuracy on the labelled set: {judge['accuracy']:.2f} "
                 f"({judge['labelled']} replies).</p>" if judge else "")

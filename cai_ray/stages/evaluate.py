@@ -275,26 +275,45 @@ class Evaluation:
         return path
 
     def track(self, result: dict[str, Any]) -> None:
+        """W&B / metrics.jsonl. The RL snapshots form series over PPO steps (`elo/<judge>/
+        <aspect>` with `_low`/`_high` bands, rates under `eval/`); the reference snapshots
+        (initial, sl, named ones) are logged once under their own names."""
         tracker = Tracker(self.cfg.tracking, f"{self.cfg.run.name}-eval", self.dir,
                           self.cfg.to_dict())
         try:
-            key = "judge" if "judge/harmless" in result["elo"] else "pm"
-            rows = []
-            for k, name in enumerate(result["snapshots"]):
+            series, refs = [], {}
+            for name in result["snapshots"]:
                 m: dict[str, float] = {}
-                for src_aspect, table in result["elo"].items():
+                for key, table in result["elo"].items():
                     r = table[name]
-                    m.update({f"elo/{src_aspect}": r["elo"], f"elo/{src_aspect}_low": r["low"],
-                              f"elo/{src_aspect}_high": r["high"]})
-                m.update({f"eval/{k2}": v for k2, v in result["per_snapshot"][name].items()})
-                tracker.log(m, step=k)
-                if f"{key}/harmless" in result["elo"]:
-                    rows.append([name, result["elo"][f"{key}/harmless"][name]["elo"],
-                                 result["elo"][f"{key}/helpful"][name]["elo"]])
-            tracker.table("elo_scatter", ["snapshot", "harmlessness_elo", "helpfulness_elo"],
-                          rows, step=len(result["snapshots"]))
+                    m.update({f"elo/{key}": r["elo"], f"elo/{key}_low": r["low"],
+                              f"elo/{key}_high": r["high"]})
+                m.update({f"eval/{k}": v for k, v in result["per_snapshot"][name].items()})
+                step = snapshot_step(name, self.cfg.ppo.steps)
+                if step is None:
+                    refs.update({f"{k}/{name}": v for k, v in m.items()})
+                else:
+                    series.append((step, m))
+            tracker.log(refs, step=0)
+            for step, m in sorted(series, key=lambda x: x[0]):
+                tracker.log(m, step=max(step, 1))
+            key = "judge" if "judge/harmless" in result["elo"] else "pm"
+            if f"{key}/harmless" in result["elo"]:
+                tracker.table("elo_scatter", ["snapshot", "harmlessness_elo", "helpfulness_elo"],
+                              [[n, result["elo"][f"{key}/harmless"][n]["elo"],
+                                result["elo"][f"{key}/helpful"][n]["elo"]]
+                               for n in result["snapshots"]], step=self.cfg.ppo.steps + 1)
         finally:
             tracker.close()
+
+
+def snapshot_step(name: str, final_step: int) -> int | None:
+    """The PPO step of an RL snapshot (ppo@N → N, ppo → the last); None for the others."""
+    if name == "ppo":
+        return final_step
+    if name.startswith("ppo@") and name[4:].isdigit():
+        return int(name[4:])
+    return None
 
 
 def _prompts(src: Any, cfg: Config) -> list[Prompt]:

@@ -1,0 +1,50 @@
+"""report.html from stage outputs: every plot present, the numbers in tables, clear error when
+there is nothing to report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cai_ray.report import write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _rating(elo: float, n: int) -> dict:
+    return {"elo": elo, "low": elo - 40.0, "high": elo + 40.0, "comparisons": n}
+
+
+def test_report_draws_every_plot(tmp_path: Path) -> None:
+    names = ["initial", "sl", "ppo@2", "ppo"]
+    elo = {"snapshots": names,
+           "elo": {f"{j}/{a}": {n: _rating(0.0 if n == "initial" else 30.0 * k, 24)
+                                for k, n in enumerate(names)}
+                   for j in ("judge", "pm") for a in ("harmless", "helpful")},
+           "per_snapshot": {n: {"evasive_rate": 0.1, "over_refusal_rate": 0.2} for n in names},
+           "evasiveness_judge": {"accuracy": 0.75, "labelled": 24}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "elo.json").write_text(json.dumps(elo))
+    (tmp_path / "ppo").mkdir()
+    (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward/score_mean": s / 4, "reward/total_mean": s / 4 - 0.01,
+                    "kl/mean": s / 10, "time/step": 2.0}) + "\n" for s in range(1, 5)))
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "metrics.json").write_text(json.dumps({"held_out": {"all": {
+        "count": 40, "accuracy": 0.8, "ece": 0.05,
+        "reliability": [{"lo": 0.5, "hi": 0.75, "count": 20.0, "confidence": 0.6,
+                         "agreement": 0.62},
+                        {"lo": 0.75, "hi": 1.0, "count": 20.0, "confidence": 0.85,
+                         "agreement": 0.8}]}}}))
+    page = write_report(tmp_path).read_text()
+    for png in ("elo.png", "scatter.png", "elo_steps.png", "ppo.png", "reliability.png"):
+        assert f'src="report/{png}"' in page, png
+        assert (tmp_path / "report" / png).read_bytes()[:8] == PNG
+    assert "ppo@2" in page and "0.75" in page
+
+
+def test_report_without_outputs_says_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no stage output"):
+        write_report(tmp_path)
