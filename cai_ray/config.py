@@ -195,8 +195,8 @@ class PPOConfig:
                                 non_negative)
     checkpoint_every: int = option(10, "steps between checkpoints", positive)
     keep_checkpoints: int = option(2, "checkpoints kept on disk", positive)
-    eval_every: int = option(0, "steps between policy snapshots that `cai-ray eval` rates "
-                             "(ppo@STEP: Elo over steps); 0 = final policy only", non_negative)
+    eval_every: int = option(0, "steps between live PM-Elo evaluations and the policy "
+                             "snapshots `cai-ray eval` rates (ppo@STEP); 0 = off", non_negative)
     critic_lr: float | None = option(None, "value model learning rate; null = trainer.lr",
                                      positive)
     reward_model: str | None = option(None, "trained preference model directory; null = "
@@ -344,6 +344,8 @@ class EvalConfig:
     judge: bool = option(True, "compare snapshots with the feedback model (AI judge)")
     pm: bool = option(True, "compare snapshots by preference-model scores (needs DIR/rm/model)")
     bootstrap: int = option(200, "bootstrap resamples for the 95% Elo intervals", positive)
+    live_prompts: int = option(8, "prompts per aspect in the PM Elo taken during PPO "
+                               "(every ppo.eval_every steps)", positive)
 
 
 @dataclass

@@ -185,6 +185,7 @@ class PPORun:
         self.step = 0  # PPO steps done = the trainer's weight version
         self.probe: list[list[int]] | None = None
         self.groups: list[ActorGroup[Any]] = []
+        self.live: Any = None
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -418,6 +419,13 @@ class PPORun:
         with ray_session(cfg):
             try:
                 self._start()
+                if p.eval_every:
+                    from cai_ray.models import resolve
+                    from cai_ray.stages.evaluate import LiveEval
+
+                    self.live = LiveEval(cfg, resolve(cfg.model), resolve(self.policy),
+                                         cfg.eval.live_prompts)
+                    self.live.prepare(self.rollout, self.scorer)
                 if self.resume:
                     self._restore()
                 else:
@@ -487,10 +495,17 @@ class PPORun:
                                   [[s.prompt.text, s.text, sc, s.weight_version]
                                    for s, sc in list(zip(samples, scores, strict=True))[:8]],
                                   step=self.step)
-                if p.eval_every and self.step % p.eval_every == 0 and self.step < p.steps:
-                    # An HF-format snapshot for `cai-ray eval` (ppo@STEP: Elo over steps).
-                    save_group_model(self.trainer, TrainerWorker.save,
-                                     self.dir / "snapshots" / f"step-{self.step:08d}")
+                if p.eval_every and (self.step % p.eval_every == 0 or self.step == p.steps):
+                    t_ev = time.monotonic()
+                    live, rows = self.live(self.rollout, self.scorer, self.step)
+                    tracker.log({**live, "time/live_eval": time.monotonic() - t_ev},
+                                step=self.step)
+                    tracker.table("eval_samples", ["prompt", "response", "pm_score"], rows,
+                                  step=self.step)
+                    if self.step < p.steps:
+                        # An HF-format snapshot for `cai-ray eval` (ppo@STEP).
+                        save_group_model(self.trainer, TrainerWorker.save,
+                                         self.dir / "snapshots" / f"step-{self.step:08d}")
                 if self.step % p.checkpoint_every == 0 or self.step == p.steps:
                     t_ck = time.monotonic()
                     self.checkpoint(batch)

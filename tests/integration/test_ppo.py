@@ -61,10 +61,17 @@ def test_ppo_learns_what_the_pm_rewards_with_streaming(marker_pm: Path, tmp_path
     cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=30", "trainer.lr=1e-3",
                              "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=2",
                              "ppo.mini_batch_size=8", "ppo.checkpoint_every=10",
-                             "ppo.max_staleness=1", "ppo.kl_coef=0.01"])
+                             "ppo.max_staleness=1", "ppo.kl_coef=0.01", "ppo.eval_every=15"])
     final = run_ppo(cfg, tmp_path)
     assert (final / "config.json").exists()
     rows = _metrics(tmp_path)
+    # Live PM Elo against the initial policy every 15 steps, and the snapshot for `eval`.
+    live = [r for r in rows if "elo/harmlessness" in r]
+    assert [r["step"] for r in live] == [15, 30]
+    assert all(r["elo/harmlessness_low"] <= r["elo/harmlessness"] <= r["elo/harmlessness_high"]
+               for r in live)
+    assert (tmp_path / "ppo" / "snapshots" / "step-00000015" / "config.json").exists()
+    rows = [r for r in rows if "reward/score_mean" in r]
     assert [r["step"] for r in rows] == list(range(1, 31))
     score = [r["reward/score_mean"] for r in rows]
     first, last = sum(score[:5]) / 5, sum(score[-5:]) / 5
