@@ -101,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshots", help="comma-separated: initial, sl, ppo, ppo@STEP or "
                    "NAME=DIR (default eval.snapshots, plus the saved ppo@STEP ones)")
 
+    p = sub.add_parser("serve", help="HTTP services for other jobs: PM scores (/v1/score) and "
+                       "AI-judge soft labels (/v1/judge); bearer token from serve.token_env")
+    _add_run_args(p)
+    p.add_argument("--what", default="pm,judge", help="comma-separated: pm, judge")
+    p.add_argument("--pm", help="trained PM directory (default DIR/rm/model)")
+
+    p = sub.add_parser("plan", help="print which role lands on which placement bundle and "
+                       "the GPU memory each will hold; refuse an impossible layout")
+    _add_run_args(p, output=False)
+    p.add_argument("--gpus", type=int, help="GPUs in the cluster (default: the running "
+                   "cluster's with run.ray_address, else this machine's)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU "
+                   "(default 80)")
+
     p = sub.add_parser("report", help="write DIR/report.html with PNG plots of a run")
     p.add_argument("run_dir", metavar="DIR")
 
@@ -262,6 +276,88 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return _run_stages(args, lambda cfg, out: [("eval", lambda: run_eval(cfg, out, snaps))])
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cai_ray.config import ModelSpec, load_config
+    from cai_ray.configschema import Problem
+    from cai_ray.runtime import ray_session, setup_logging
+    from cai_ray.serve import Service, judge_handler, pm_handler, token_from_env
+
+    cfg = load_config(args.config, args.overrides)
+    what = {w.strip() for w in args.what.split(",") if w.strip()}
+    if not what or what - {"pm", "judge"}:
+        raise ValidationError("cai-ray serve", [Problem(
+            "--what", f"choose from pm, judge; got {args.what!r}", "command line")])
+    token = token_from_env(cfg.serve)
+    if not token:
+        raise ValidationError("cai-ray serve", [Problem(
+            "serve.token_env", f"set {cfg.serve.token_env} to the bearer token clients must "
+            "send", "environment")])
+    pm = Path(args.pm) if args.pm else Path(args.output) / "rm" / "model"
+    if "pm" in what and not (pm / "config.json").exists():
+        raise ValidationError("cai-ray serve", [Problem(
+            "--pm", f"no trained preference model at {pm}", "command line")])
+    setup_logging(cfg.run.log_level)
+    with ray_session(cfg):
+        handlers, groups = {}, []
+        try:
+            if "pm" in what:
+                from cai_ray.stages.rm import reward_group
+
+                g = reward_group(cfg, ModelSpec(path=str(pm), dtype=cfg.trainer.dtype), None)
+                groups.append(g)
+                handlers["/v1/score"] = pm_handler(g)
+            if "judge" in what:
+                from cai_ray.constitution import load_constitution
+                from cai_ray.preflight import resolve_path
+                from cai_ray.stages.label import Labeller, feedback_group
+
+                fb = feedback_group(cfg)
+                groups.append(fb)
+                lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))
+                handlers["/v1/judge"] = judge_handler(fb, lab)
+            service = Service(cfg.serve, token, handlers)
+            host, port = service.address
+            print(f"serving {', '.join(sorted(handlers))} on http://{host}:{port} "
+                  f"(bearer token from ${cfg.serve.token_env}); Ctrl-C stops", flush=True)
+            try:
+                service.server.serve_forever()
+            finally:
+                service.close()
+        finally:
+            for g in groups:
+                g.shutdown()
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from cai_ray.config import load_config
+    from cai_ray.configschema import Problem
+    from cai_ray.plan import plan, render
+
+    cfg = load_config(args.config, args.overrides, check_env=False)
+    gpus = args.gpus
+    if gpus is None:
+        if cfg.run.ray_address:
+            import ray
+
+            ray.init(address=cfg.run.ray_address, logging_level=logging.WARNING)
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            ray.shutdown()
+        else:
+            try:
+                import torch
+
+                gpus = torch.cuda.device_count()
+            except ImportError:
+                gpus = 0
+    bundles, problems = plan(cfg, gpus, args.gpu_memory_gib)
+    print(render(cfg, bundles, gpus, args.gpu_memory_gib))
+    if problems:
+        raise ValidationError(f"placement of {args.config or 'the defaults'} is impossible",
+                              [Problem("placement", p, args.config) for p in problems])
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from cai_ray.report import write_report
 
@@ -288,7 +384,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
             "label": _cmd_label, "rm": _cmd_rm, "ppo": _cmd_ppo, "eval": _cmd_eval,
-            "report": _cmd_report, "pipeline": _cmd_pipeline}
+            "report": _cmd_report, "serve": _cmd_serve, "plan": _cmd_plan, "pipeline": _cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

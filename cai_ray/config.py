@@ -324,6 +324,19 @@ class RunConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = option("127.0.0.1", "address the HTTP services bind to (loopback by default)",
+                       non_empty)
+    port: int = option(8790, "TCP port of the HTTP services", in_range(0, 65535))
+    token_env: str = option("CAI_RAY_SERVE_TOKEN", "environment variable holding the bearer "
+                            "token every request must carry (the server refuses to start "
+                            "without it)", non_empty)
+    max_body_bytes: int = option(1 << 20, "largest request body; bigger ones get 413", positive)
+    max_items: int = option(64, "most items (responses or pairs) per request; more get 413",
+                            positive)
+
+
+@dataclass
 class EvalConfig:
     snapshots: list[str] = option(
         help="policies to compare: initial, sl, ppo, ppo@N (a PPO snapshot saved every "
@@ -358,6 +371,7 @@ class Config:
     sl: SLConfig = option(factory=SLConfig, help="SL-CAI stage")
     ppo: PPOConfig = option(factory=PPOConfig, help="RL-CAI PPO stage")
     eval: EvalConfig = option(factory=EvalConfig, help="Elo evaluation and report")
+    serve: ServeConfig = option(factory=ServeConfig, help="HTTP services (PM and judge)")
     data: DataConfig = option(factory=DataConfig, help="prompt sources")
     placement: PlacementConfig = option(factory=PlacementConfig, help="actor placement")
     tracking: TrackingConfig = option(factory=TrackingConfig, help="W&B and metrics")
