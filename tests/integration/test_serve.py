@@ -87,7 +87,6 @@ def test_auth_and_limits(services) -> None:
 
 def test_valid_requests_match_in_process_results(services) -> None:
     from cai_ray.actors.reward import RewardWorker
-    from cai_ray.stages.label import judge
 
     url, rg, fb, lab = services
     status, out = post(f"{url}/v1/score", json.dumps({"items": ITEMS}).encode(), TOKEN)
