@@ -1,0 +1,87 @@
+"""`ray job submit` against a local head on loopback with token authentication: the tiny
+pipeline runs as a job, the job SUCCEEDED, its artefacts exist, and an unauthenticated client
+is turned away."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_pipeline_as_a_ray_job_with_token_auth(tiny_model_dir, tmp_path: Path) -> None:
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_TMPDIR": str(tmp_path / "ray")}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _port(), _port()
+    address = f"http://127.0.0.1:{dash}"
+    # `--block` keeps the head in the foreground, in its own process group: stopping it
+    # stops exactly this cluster (`ray stop` would stop every Ray on the machine).
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--num-cpus=6",
+                             f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run([ray, "job", "list", "--address", address], env=env,
+                             capture_output=True, timeout=60).returncode != 0:
+            assert head.poll() is None, "the Ray head exited"
+            assert time.monotonic() < deadline, "the Ray head did not come up in 180 s"
+            time.sleep(2)
+        out = tmp_path / "run"
+        runtime_env = json.loads(subprocess.run(
+            [sys.executable, "cluster/runtime_env.py"], cwd=ROOT, env=env, check=True,
+            capture_output=True, text=True).stdout)
+        assert runtime_env["excludes"] and ".venv" in runtime_env["excludes"]
+        job = subprocess.run(
+            [ray, "job", "submit", "--address", address, "--submission-id", "cai-ray-test",
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             "python", "-m", "cai_ray.cli", "pipeline", "--config", "configs/cpu-tiny.yaml",
+             "--output", str(out), "run.ray_address=auto", "data.red_team.limit=4",
+             "data.helpful.limit=2", "sl.rounds=1", "reward.eval_fraction=0.2",
+             "reward.micro_batch_size=1", "eval.snapshots=[initial,ppo]"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
+        status = subprocess.run([ray, "job", "status", "--address", address, "cai-ray-test"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert "SUCCEEDED" in status.stdout + status.stderr
+        for art in ("sl/model/config.json", "rm/model/reward_head.safetensors",
+                    "ppo/model/config.json", "eval/elo.json", "report.html"):
+            assert (out / art).exists(), art
+        # Without the token the job API refuses.
+        bad = {**env, "RAY_AUTH_TOKEN": "wrong-" + token}
+        denied = subprocess.run([ray, "job", "list", "--address", address], env=bad,
+                                capture_output=True, text=True, timeout=60)
+        assert denied.returncode != 0
+        assert token not in (job.stdout + job.stderr)  # the secret is never printed
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        time.sleep(2)
+        try:  # anything of that cluster still alive
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
