@@ -321,6 +321,9 @@ class RunConfig:
     startup_timeout_s: float = option(600.0, "timeout for placement groups and actor start-up",
                                       positive)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = option("INFO", "logging level")
+    max_restarts: int = option(5, "restarts of dead rollout, reward or reference actors a run "
+                               "allows before it fails (a trainer death always stops it)",
+                               non_negative)
 
 
 @dataclass

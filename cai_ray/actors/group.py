@@ -39,8 +39,10 @@ W = TypeVar("W", bound="Worker")
 class ActorCallError(RuntimeError):
     """An actor method raised, or the actor died. Names role, rank and method."""
 
-    def __init__(self, role: str, rank: int, method: str, detail: str):
-        self.role, self.rank, self.method = role, rank, method
+    def __init__(self, role: str, rank: int, method: str, detail: str,
+                 actor_died: bool = False, started: float = 0.0):
+        self.role, self.rank, self.method, self.actor_died = role, rank, method, actor_died
+        self.started = started  # when the failed call was submitted (time.monotonic)
         super().__init__(f"{role}[rank {rank}].{method} failed: {detail}")
 
 
@@ -153,6 +155,9 @@ class ActorGroup(Generic[W]):
         self._inflight = [0] * resources.num_actors
         self._pg: Any = None
         self._actors: list[Any] = []
+        self.restarts = 0
+        self._restart_times: list[float] = []
+        self._last_restart = [0.0] * resources.num_actors
         n = resources.num_actors
         threads = resources.threads or max(1, int(resources.num_cpus))
         affinity = tuple(resources.cpu_affinity) if resources.cpu_affinity else None
@@ -199,13 +204,52 @@ class ActorGroup(Generic[W]):
                                         f"has {ray.available_resources()})",
                                         self.startup_timeout_s)
         remote_cls = ray.remote(self.worker_cls)
+        self._spawn: list[Callable[[], Any]] = []
         for ctx in ctxs:
             opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
                                     "runtime_env": {"env_vars": env_vars} if env_vars else None}
             if self._pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=ctx.rank)
-            self._actors.append(remote_cls.options(**opts).remote(ctx, *init_args, **kwargs))
+            spawn = functools.partial(lambda o, c: remote_cls.options(**o).remote(
+                c, *init_args, **kwargs), opts, ctx)
+            self._spawn.append(spawn)
+            self._actors.append(spawn())
+
+    def restarts_since(self, t: float) -> bool:
+        """Whether an actor was restarted at or after monotonic time `t` (calls submitted
+        before then may have gone to a dead actor and need submitting again)."""
+        return any(x >= t for x in self._restart_times)
+
+    def replaced_since(self, rank: int, t: float) -> bool:
+        """Whether the actor of `rank` was replaced after `t`: a failure of a call submitted
+        before then belongs to the old actor and needs no new restart."""
+        return self._last_restart[rank] > t
+
+    def restart(self, rank: int) -> float:
+        """Replace the actor of `rank` (dead or hung) by a fresh one on the same bundle, started
+        with the same arguments; returns the seconds it took. Its state (weights pushed since
+        start-up, caches) is gone: the caller restores what it needs."""
+        if self.local:
+            raise RuntimeError(f"{self.role}: actors cannot be restarted in local mode")
+        import ray
+
+        t0 = time.monotonic()
+        try:
+            ray.kill(self._actors[rank], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self._actors[rank] = self._spawn[rank]()
+        self._inflight[rank] = 0
+        self.get([Pending(self.role, rank, "__init__", self._actors[rank].ping.remote())],
+                 timeout=self.startup_timeout_s)
+        seconds = time.monotonic() - t0
+        self.restarts += 1
+        self._restart_times.append(t0)
+        self._last_restart[rank] = t0
+        log.warning("%s[rank %d]: restarted in %.1f s (restart %d)", self.role, rank, seconds,
+                    self.restarts)
+        return seconds
 
     # --- calls ----------------------------------------------------------------------------------
 
@@ -290,7 +334,8 @@ class ActorGroup(Generic[W]):
             raise ActorCallError(self.role, p.rank, p.method, _remote_detail(e)) from e
         except ray.exceptions.RayActorError as e:
             raise ActorCallError(self.role, p.rank, p.method,
-                                 f"the actor died ({_remote_detail(e)})") from e
+                                 f"the actor died ({_remote_detail(e)})", actor_died=True,
+                                 started=p.started) from e
 
     def get(self, pendings: list[Pending[R]], timeout: float | None = None) -> list[R]:
         """Wait for all calls (at most `timeout`, default run.call_timeout_s); results in order."""

@@ -32,13 +32,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 import torch
 from tqdm import tqdm
 
-from cai_ray.actors.group import ActorGroup, Pending
+from cai_ray.actors.group import ActorCallError, ActorGroup, Pending
 from cai_ray.actors.ppo import PPOTrainerWorker, ReferenceWorker
 from cai_ray.actors.reward import HEAD_FILE, RewardWorker
 from cai_ray.actors.rollout import RolloutWorker
@@ -66,6 +66,7 @@ from cai_ray.stages.sl import request_seed
 from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ResumeError(RuntimeError):
@@ -89,6 +90,7 @@ class Batch:
     stream_state: dict[str, int]  # the prompt stream just after these prompts were taken
     pending: list[Pending[list[GenerationResult]]]
     submitted: float
+    requests: list[GenerationRequest]
 
 
 @dataclass
@@ -186,6 +188,8 @@ class PPORun:
         self.probe: list[list[int]] | None = None
         self.groups: list[ActorGroup[Any]] = []
         self.live: Any = None
+        self.recovery_s: list[float] = []
+        self.fault_log: list[dict[str, Any]] = []
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -265,6 +269,45 @@ class PPORun:
             if dropped:
                 log.info("%s: dropped %d entries after step %d", name, dropped, step)
 
+    # --- faults ---------------------------------------------------------------------------------
+
+    def recover(self, group: ActorGroup[Any], err: ActorCallError) -> None:
+        """Restart a dead rollout, reward or reference actor and restore its state, or re-raise
+        (trainer failures, other errors, too many restarts)."""
+        if not err.actor_died or group.role == "trainer":
+            raise err
+        if group.replaced_since(err.rank, err.started):
+            return  # a call to the actor already replaced: the caller submits it again
+        if group.restarts >= self.cfg.run.max_restarts:
+            raise RuntimeError(f"{group.role}: {group.restarts} restarts already (run."
+                               f"max_restarts={self.cfg.run.max_restarts}); last: {err}") from err
+        if group.role == "rollout" and self.transport == "nccl":
+            raise RuntimeError("a rollout engine died and NCCL weight sync cannot re-admit a "
+                               "new one into its group; use ppo.weight_sync=object_store for "
+                               "restarts, or --resume from the last checkpoint") from err
+        log.warning("%s; restarting it", err)
+        seconds = group.restart(err.rank)
+        if group.role == "reward":
+            group.call(err.rank, RewardWorker.load_for_scoring)
+        elif group.role == "rollout" and self.step > 0:  # a fresh engine has the initial weights
+            buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
+                                            self.cfg.ppo.sync_bucket_mb)[0]
+            self.rollout.call(err.rank, RolloutWorker.update_weights, self.step,
+                              buckets=buckets)
+        self.recovery_s.append(seconds)
+        self.fault_log.append({"step": self.step, "role": group.role, "rank": err.rank,
+                               "method": err.method, "restart_s": seconds})
+
+    def retry(self, group: ActorGroup[Any], action: Callable[[], T]) -> T:
+        """Run `action` (calls on `group`), recovering from actor deaths and trying again."""
+        while True:
+            try:
+                return action()
+            except ActorCallError as e:
+                if e.role != group.role:
+                    raise
+                self.recover(group, e)
+
     # --- weights --------------------------------------------------------------------------------
 
     def sync(self) -> dict[str, float]:
@@ -281,7 +324,8 @@ class PPORun:
         else:
             buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
                                             self.cfg.ppo.sync_bucket_mb)[0]
-            self.rollout.call_all(RolloutWorker.update_weights, version, buckets=buckets)
+            self.retry(self.rollout, lambda: self.rollout.call_all(
+                RolloutWorker.update_weights, version, buckets=buckets))
             sent = -1
         seconds = time.monotonic() - t0
         out = {"sync/seconds": seconds, **self.check_sync(),
@@ -296,7 +340,8 @@ class PPORun:
         ours = self.trainer.call_all(PPOTrainerWorker.probe_logprobs, self.probe)[0]
         worst, mean = 0.0, 0.0
         for r in range(self.rollout.num_actors):
-            theirs = self.rollout.call(r, RolloutWorker.prompt_logprobs, self.probe)
+            theirs = self.retry(self.rollout, lambda r=r: self.rollout.call(  # type: ignore[misc]
+                r, RolloutWorker.prompt_logprobs, self.probe))
             diffs = [abs(x - y) for a, b in zip(ours, theirs, strict=True)
                      for x, y in zip(a, b, strict=True)]
             worst, mean = max(worst, max(diffs)), max(mean, sum(diffs) / len(diffs))
@@ -337,10 +382,22 @@ class PPORun:
                                   seed=request_seed(cfg.run.seed, pr.id, f"ppo{index}"))
                 for pr in prompts]
         return Batch(index, prompts, self.stream.state_dict(),
-                     self.rollout.submit_shards(RolloutWorker.generate, reqs), time.monotonic())
+                     self.rollout.submit_shards(RolloutWorker.generate, reqs), time.monotonic(),
+                     reqs)
 
     def collect(self, batch: Batch) -> list[Sample]:
-        results = self.rollout.gather(batch.pending)
+        """The batch's samples; if a rollout actor died, it is restarted with the current
+        weights and the whole batch is generated again (same requests, same seeds)."""
+        while True:
+            if self.rollout.restarts_since(batch.submitted):  # made partly by a dead actor
+                batch.submitted = time.monotonic()
+                batch.pending = self.rollout.submit_shards(RolloutWorker.generate,
+                                                           batch.requests)
+            try:
+                results = self.rollout.gather(batch.pending)
+                break
+            except ActorCallError as e:
+                self.recover(self.rollout, e)
         by_id = {p.id: p for p in batch.prompts}
         return [Sample(by_id[res.request_id], res.prompt_token_ids, c.token_ids, c.text,
                        c.logprobs, res.weight_version)
@@ -364,9 +421,14 @@ class PPORun:
                  for r in range(world)]
         exp = self.trainer.get(exp_p)
         m["time/experience"] = time.monotonic() - t0
-        scores = torch.tensor(self.scorer.gather(score_p), dtype=torch.float32)
+        items = [(s.prompt.messages, s.text) for s in samples]
+        scores = torch.tensor(self.retry(self.scorer, lambda: self.scorer.gather(
+            score_p if not self.scorer.restarts_since(t0) else
+            self.scorer.submit_shards(RewardWorker.score, items))), dtype=torch.float32)
         m["time/score"] = time.monotonic() - t0
-        ref_flat = torch.cat(self.reference.get(ref_p))
+        ref_flat = torch.cat(self.retry(self.reference, lambda: self.reference.get(
+            ref_p if not self.reference.restarts_since(t0) else
+            self.reference.submit_shards(ReferenceWorker.logprobs, seqs))))
         m["time/reference"] = time.monotonic() - t0
 
         t1 = time.monotonic()
@@ -483,6 +545,7 @@ class PPORun:
                                            "version": min(versions)}) + "\n")
                 consumed.flush()
                 m["time/step"] = time.monotonic() - t_step
+                m["faults/restarts"] = float(sum(g.restarts for g in self.groups))
                 if ckpt_s is not None:  # the previous step's checkpoint
                     m["time/checkpoint"], ckpt_s = ckpt_s, None
                 tokens = sum(len(s.response_ids) for s in samples)
@@ -528,7 +591,8 @@ class PPORun:
     def _summary(self, seconds: float) -> dict[str, Any]:
         rows = [json.loads(x) for x in (self.dir / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "reward/score_mean" in r]
-        out: dict[str, Any] = {"steps": self.step, "seconds": seconds}
+        out: dict[str, Any] = {"steps": self.step, "seconds": seconds,
+                               "faults": self.fault_log}
         if rows:
             k = max(1, min(5, len(rows) // 2))
             out.update({
