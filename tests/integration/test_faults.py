@@ -84,3 +84,53 @@ def test_rollout_actor_killed_three_times(ray_local, tiny_model_dir, tmp_path: P
     assert rows[-1]["faults/restarts"] == 3.0
     assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)  # restarted engines in sync
     assert all(r["staleness/max"] <= 1 for r in rows)
+
+
+def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_path: Path
+                                                          ) -> None:
+    """A trainer failure is not retried: the run stops naming the role and the call, the
+    checkpoints stay whole, and --resume finishes the run with every prompt once."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from cai_ray.actors.reward import load_reward_model, save_reward_model
+    from cai_ray.config import ModelSpec
+    from cai_ray.models import load_tokenizer
+
+    spec = ModelSpec(path="tiny-llama")
+    torch.manual_seed(0)
+    save_reward_model(load_reward_model(spec, torch.float32), load_tokenizer(spec),
+                      tmp_path / "rm" / "model")
+    args = [sys.executable, "-m", "cai_ray.cli", "ppo", "--config", str(TINY), "--output",
+            str(tmp_path), "ppo.steps=10", "ppo.checkpoint_every=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "ppo" / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
+            if metrics.exists() else []
+        trainers = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+                    if " ".join(p.info["cmdline"] or []).startswith("ray::PPOTrainerWorker")]
+        if done and max(done) >= 3 and trainers:
+            os.kill(trainers[0], signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    assert "trainer[rank 0]" in err and "the actor died" in err and "Traceback" not in err
+    ckpts = tmp_path / "ppo" / "checkpoints"
+    assert any(x.name.startswith("step-") for x in ckpts.iterdir())  # whole ones to resume from
+    p = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    consumed = [json.loads(x) for x in
+                (tmp_path / "ppo" / "consumed.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in consumed] == list(range(1, 11))
+    cfg = load_config(TINY, [])
+    expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(10 * 4)
+    assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
+    assert sorted(x.name for x in ckpts.iterdir()) == ["step-00000008", "step-00000010"]
