@@ -221,6 +221,23 @@ class ActorGroup(Generic[W]):
         before then may have gone to a dead actor and need submitting again)."""
         return any(x >= t for x in self._restart_times)
 
+    def with_restarts(self, action: Callable[[], R], max_restarts: int) -> R:
+        """Run `action` (calls on this group); when an actor died, restart it and run the
+        action again (for stateless roles: the judge, a scorer), up to `max_restarts`
+        restarts of this group in all."""
+        while True:
+            try:
+                return action()
+            except ActorCallError as e:
+                if not e.actor_died or self.local:
+                    raise
+                if self.restarts >= max_restarts:
+                    raise RuntimeError(f"{self.role}: {self.restarts} restarts already "
+                                       f"(run.max_restarts={max_restarts}); last: {e}") from e
+                if not self.replaced_since(e.rank, e.started):
+                    log.warning("%s; restarting it", e)
+                    self.restart(e.rank)
+
     def replaced_since(self, rank: int, t: float) -> bool:
         """Whether the actor of `rank` was replaced after `t`: a failure of a call submitted
         before then belongs to the old actor and needs no new restart."""

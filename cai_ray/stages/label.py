@@ -97,14 +97,19 @@ class Labeller:
 
 def judge(group: ActorGroup[FeedbackWorker], lab: Labeller, queries: list[JudgeQuery]
           ) -> list[float]:
+    """p(A) of every query; a feedback actor that dies is restarted (it holds no state but
+    its model) and the call is made again, up to run.max_restarts."""
     f = lab.f
+    budget = lab.cfg.run.max_restarts
     if f.method == "cot":
         seeds = [request_seed(lab.cfg.run.seed, q.query_id, "cot") for q in queries]
-        reasons = group.shard_and_gather(FeedbackWorker.reasoning, queries, f.cot_max_tokens,
-                                         f.cot_temperature, seeds)
+        reasons = group.with_restarts(lambda: group.shard_and_gather(
+            FeedbackWorker.reasoning, queries, f.cot_max_tokens, f.cot_temperature, seeds),
+            budget)
         queries = [JudgeQuery(q.query_id, q.question, q.shots, True, r or "...")
                    for q, r in zip(queries, reasons, strict=True)]
-    return group.shard_and_gather(FeedbackWorker.choice_probs, queries)
+    return group.with_restarts(
+        lambda: group.shard_and_gather(FeedbackWorker.choice_probs, queries), budget)
 
 
 def sample_pairs(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Prompt]

@@ -134,3 +134,25 @@ def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_pa
     expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(10 * 4)
     assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
     assert sorted(x.name for x in ckpts.iterdir()) == ["step-00000008", "step-00000010"]
+
+
+def test_judge_restarts_a_dead_feedback_actor(ray_local, tiny_model_dir) -> None:
+    from cai_ray.actors.group import Worker
+    from cai_ray.constitution import load_constitution
+    from cai_ray.preflight import resolve_path
+    from cai_ray.stages.label import Labeller, feedback_group, judge
+
+    cfg = load_config(TINY, [])
+    lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))
+    queries = lab.queries("k", [{"role": "user", "content": "Is it safe?"}], "Yes, here is how.",
+                          "No.", "harmless")
+    fb = feedback_group(cfg)
+    try:
+        before = judge(fb, lab, queries)
+        os.kill(fb.call(0, Worker.ping)["pid"], signal.SIGKILL)
+        time.sleep(1)
+        after = judge(fb, lab, queries)  # the dead actor is replaced and the call made again
+        assert fb.restarts == 1
+        assert after == before
+    finally:
+        fb.shutdown()
