@@ -57,14 +57,19 @@ def test_pipeline_as_a_ray_job_with_token_auth(tiny_model_dir, tmp_path: Path) -
             [sys.executable, "cluster/runtime_env.py"], cwd=ROOT, env=env, check=True,
             capture_output=True, text=True).stdout)
         assert runtime_env["excludes"] and ".venv" in runtime_env["excludes"]
-        job = subprocess.run(
-            [ray, "job", "submit", "--address", address, "--submission-id", "cai-ray-test",
-             "--runtime-env-json", json.dumps(runtime_env), "--",
-             "python", "-m", "cai_ray.cli", "pipeline", "--config", "configs/cpu-tiny.yaml",
-             "--output", str(out), "run.ray_address=auto", "data.red_team.limit=4",
-             "data.helpful.limit=2", "sl.rounds=1", "reward.eval_fraction=0.2",
-             "reward.micro_batch_size=1", "eval.snapshots=[initial,ppo]"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        submit = [ray, "job", "submit", "--address", address, "--submission-id",
+                  "cai-ray-test", "--runtime-env-json", json.dumps(runtime_env), "--",
+                  "python", "-m", "cai_ray.cli", "pipeline", "--config",
+                  "configs/cpu-tiny.yaml", "--output", str(out), "run.ray_address=auto",
+                  "data.red_team.limit=4", "data.helpful.limit=2", "sl.rounds=1",
+                  "reward.eval_fraction=0.2", "reward.micro_batch_size=1",
+                  "eval.snapshots=[initial,ppo]"]
+        for _ in range(60):  # the job agent comes up a little after the head answers
+            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=1200)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
         status = subprocess.run([ray, "job", "status", "--address", address, "cai-ray-test"],
                                 env=env, capture_output=True, text=True, timeout=60)
