@@ -35,13 +35,19 @@ def test_pipeline_as_a_ray_job_with_token_auth(tiny_model_dir, tmp_path: Path) -
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _port(), _port()
+    # Every port this head opens is a free one: another Ray on the machine (the other tests'
+    # cluster) holds the defaults, and a job agent that cannot bind never becomes available.
+    gcs, dash, agent, agent_grpc, env_agent, metrics = (_port() for _ in range(6))
     address = f"http://127.0.0.1:{dash}"
     # `--block` keeps the head in the foreground, in its own process group: stopping it
     # stops exactly this cluster (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={gcs}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=6",
+                             f"--dashboard-agent-listen-port={agent}",
+                             f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={env_agent}",
+                             f"--metrics-export-port={metrics}",
                              f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
