@@ -285,6 +285,17 @@ class PlacementConfig:
                 elif role in seen:
                     out.append((f"colocate[{i}]", f"role {role!r} is in two colocated groups"))
                 seen.add(role)
+            known = [r for r in group if r in ROLES]
+            counts = [getattr(self, r).num_actors for r in known]
+            if len(set(counts)) > 1:
+                out.append((f"colocate[{i}]", f"colocated roles share bundles one actor of each, "
+                            f"so they need equal num_actors; got "
+                            f"{dict(zip(known, counts, strict=True))}"))
+            gpus = [getattr(self, r).num_gpus for r in known]
+            if any(g % 1 for g in gpus) and sum(gpus) > 1 + 1e-9:
+                out.append((f"colocate[{i}]", f"fractional GPUs of colocated roles share one GPU "
+                            f"and must add up to at most 1; got "
+                            f"{dict(zip(known, gpus, strict=True))}"))
         for role in ROLES:
             cores = getattr(self, role).cpu_affinity or []
             if any(c < 0 for c in cores):

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cai_ray.actors.group import ActorGroup, W
+from cai_ray.actors.group import ActorGroup, Colocation, W
 from cai_ray.config import Config, save_config
 
 log = logging.getLogger("cai_ray")
@@ -34,6 +34,16 @@ def device_of(cfg: Config) -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
+def colocation_of(cfg: Config, role: str) -> Colocation | None:
+    """The shared placement of `role` when `placement.colocate` lists it with other roles.
+    The bundles hold every listed role, also in a stage that starts only some of them, so
+    a colocated set is placed the same way by every stage."""
+    for roles in cfg.placement.colocate:
+        if role in roles and len(roles) > 1:
+            return Colocation.of(list(roles), [getattr(cfg.placement, r) for r in roles])
+    return None
+
+
 def role_group(cfg: Config, role: str, worker_cls: type[W], init_args: tuple,
                env_vars: dict[str, str] | None = None,
                start: Callable[[ActorGroup[W]], object] | None = None) -> ActorGroup[W]:
@@ -42,7 +52,7 @@ def role_group(cfg: Config, role: str, worker_cls: type[W], init_args: tuple,
     group = ActorGroup(role, worker_cls, getattr(cfg.placement, role), init_args=init_args,
                        local=cfg.run.local_mode, call_timeout_s=cfg.run.call_timeout_s,
                        startup_timeout_s=cfg.run.startup_timeout_s, env_vars=env_vars,
-                       strategy=cfg.placement.strategy)
+                       strategy=cfg.placement.strategy, colocation=colocation_of(cfg, role))
     if start is not None:
         try:
             start(group)

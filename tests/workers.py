@@ -33,6 +33,13 @@ class EchoWorker(Worker):
     def count(self) -> int:
         return self.calls
 
+    def placement(self) -> tuple[str | None, dict[str, float]]:
+        """This actor's placement group id and the Ray resources it was given."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return ctx.get_placement_group_id(), ctx.get_assigned_resources()
+
 
 class BrokenWorker(Worker):
     def __init__(self, ctx: WorkerContext):

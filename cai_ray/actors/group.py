@@ -52,8 +52,10 @@ class ActorTimeoutError(TimeoutError):
     def __init__(self, role: str, ranks: list[int], method: str, timeout_s: float):
         self.role, self.ranks, self.method, self.timeout_s = role, ranks, method, timeout_s
         which = ", ".join(str(r) for r in ranks)
+        knob = "startup_timeout_s" if method.startswith(("__init__", "placement group")) \
+            else "call_timeout_s"
         super().__init__(f"{role}[rank {which}].{method} did not finish within {timeout_s:g} s "
-                         f"(raise run.call_timeout_s if the work is legitimately this slow)")
+                         f"(raise run.{knob} if the work is legitimately this slow)")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,81 @@ class Pending(Generic[R]):
     method: str
     handle: Any  # ray.ObjectRef in Ray mode, concurrent.futures.Future in local mode
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Colocation:
+    """Roles that share one placement group (`placement.colocate`): bundle i holds rank i of
+    every role in `roles`, so it is sized as the sum of their per-actor resources."""
+
+    roles: tuple[str, ...]
+    cpus: float  # per bundle: the sum over the roles
+    gpus: float
+    num_bundles: int
+
+    @classmethod
+    def of(cls, roles: list[str], resources: list[RoleResources]) -> Colocation:
+        counts = {r.num_actors for r in resources}
+        if len(counts) != 1:
+            raise ValueError(f"colocated roles {roles} need equal num_actors, got "
+                             f"{[r.num_actors for r in resources]}")
+        return cls(tuple(roles), float(sum(r.num_cpus for r in resources)),
+                   float(sum(r.num_gpus for r in resources)), counts.pop())
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v > 0}
+
+
+class _SharedPlacements:
+    """The placement groups of colocated roles in this driver, reference-counted: the first
+    group of a colocated set creates it, the last one to shut down removes it. Keyed by the
+    Ray job too, so a new `ray.init` never reuses a group of a finished session."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: dict[tuple[str, Colocation, str], tuple[Any, int]] = {}
+
+    def acquire(self, col: Colocation, strategy: str, timeout_s: float) -> tuple[Any, Any]:
+        """(key, placement group), creating and waiting for it on first use."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        key = (ray.get_runtime_context().get_job_id(), col, strategy)
+        with self._lock:  # the colocated roles start concurrently: one creates, others wait
+            if key in self._groups:
+                pg, refs = self._groups[key]
+                self._groups[key] = (pg, refs + 1)
+                return key, pg
+            pg = placement_group([col.bundle] * col.num_bundles, strategy=strategy,
+                                 name=f"cai-ray-{'+'.join(col.roles)}-{os.getpid()}")
+            ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+            if not ready:
+                ray.util.remove_placement_group(pg)
+                raise ActorTimeoutError("+".join(col.roles), list(range(col.num_bundles)),
+                                        f"placement group ({col.num_bundles} × {col.bundle}, "
+                                        f"shared; cluster has {ray.available_resources()})",
+                                        timeout_s)
+            self._groups[key] = (pg, 1)
+            return key, pg
+
+    def release(self, key: Any) -> None:
+        import ray
+
+        with self._lock:
+            pg, refs = self._groups[key]
+            if refs > 1:
+                self._groups[key] = (pg, refs - 1)
+                return
+            del self._groups[key]
+        ray.util.remove_placement_group(pg)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._groups)
+
+
+SHARED_PLACEMENTS = _SharedPlacements()
 
 
 class _LocalActor:
@@ -145,7 +222,7 @@ class ActorGroup(Generic[W]):
                  init_args: tuple = (), init_kwargs: dict[str, Any] | None = None,
                  local: bool = False, call_timeout_s: float = 900.0,
                  startup_timeout_s: float = 600.0, env_vars: dict[str, str] | None = None,
-                 strategy: str = "PACK"):
+                 strategy: str = "PACK", colocation: Colocation | None = None):
         self.role = role
         self.worker_cls = worker_cls
         self.resources = resources
@@ -154,6 +231,12 @@ class ActorGroup(Generic[W]):
         self.startup_timeout_s = startup_timeout_s
         self._inflight = [0] * resources.num_actors
         self._pg: Any = None
+        self._shared_key: Any = None  # set when the placement group is shared (colocation)
+        if colocation is not None and (role not in colocation.roles
+                                       or colocation.num_bundles != resources.num_actors):
+            raise ValueError(f"{role}: colocation {colocation} does not hold {role} with "
+                             f"{resources.num_actors} actor(s)")
+        self.colocation = colocation
         self._actors: list[Any] = []
         self.restarts = 0
         self._restart_times: list[float] = []
@@ -172,7 +255,11 @@ class ActorGroup(Generic[W]):
             pend: list[Pending[Any]] = [Pending(role, r, "__init__", a.ready)
                                         for r, a in enumerate(self._actors)]
         else:
-            self._start_ray(ctxs, init_args, kwargs, env_vars or {}, strategy)
+            try:
+                self._start_ray(ctxs, init_args, kwargs, env_vars or {}, strategy)
+            except BaseException:
+                self.shutdown(grace_s=5.0)  # a shared placement group is released too
+                raise
             pend = [Pending(role, r, "__init__", a.ping.remote())
                     for r, a in enumerate(self._actors)]
         try:
@@ -180,8 +267,10 @@ class ActorGroup(Generic[W]):
         except BaseException:
             self.shutdown()
             raise
-        log.info("%s group: %d actor(s) %s in %.1f s", role, n,
-                 "in-process" if local else "on Ray", time.monotonic() - t0)
+        where = "in-process" if local else "on Ray"
+        if colocation is not None and not local:
+            where += f", sharing bundles with {'+'.join(r for r in colocation.roles if r != role)}"
+        log.info("%s group: %d actor(s) %s in %.1f s", role, n, where, time.monotonic() - t0)
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -193,7 +282,11 @@ class ActorGroup(Generic[W]):
 
         res = self.resources
         bundle = {k: v for k, v in (("CPU", res.num_cpus), ("GPU", res.num_gpus)) if v > 0}
-        if bundle:
+        if self.colocation is not None:
+            if self.colocation.bundle:
+                self._shared_key, self._pg = SHARED_PLACEMENTS.acquire(
+                    self.colocation, strategy, self.startup_timeout_s)
+        elif bundle:
             self._pg = placement_group([bundle] * res.num_actors, strategy=strategy,
                                        name=f"cai-ray-{self.role}-{os.getpid()}-{id(self)}")
             ready, _ = ray.wait([self._pg.ready()], timeout=self.startup_timeout_s)
@@ -222,21 +315,35 @@ class ActorGroup(Generic[W]):
         return any(x >= t for x in self._restart_times)
 
     def with_restarts(self, action: Callable[[], R], max_restarts: int) -> R:
-        """Run `action` (calls on this group); when an actor died, restart it and run the
-        action again (for stateless roles: the judge, a scorer), up to `max_restarts`
-        restarts of this group in all."""
+        """Run `action` (calls on this group); when an actor died or a call hung past its
+        timeout, restart that actor and run the action again (for stateless roles: the judge,
+        a scorer), up to `max_restarts` restarts of this group in all."""
         while True:
             try:
                 return action()
-            except ActorCallError as e:
-                if not e.actor_died or self.local:
-                    raise
-                if self.restarts >= max_restarts:
-                    raise RuntimeError(f"{self.role}: {self.restarts} restarts already "
-                                       f"(run.max_restarts={max_restarts}); last: {e}") from e
-                if not self.replaced_since(e.rank, e.started):
-                    log.warning("%s; restarting it", e)
-                    self.restart(e.rank)
+            except (ActorCallError, ActorTimeoutError) as e:
+                self.restart_failed(e, max_restarts)
+
+    def restart_failed(self, err: ActorCallError | ActorTimeoutError, max_restarts: int
+                       ) -> list[float]:
+        """Restart the actors behind `err` (a death, or calls that hung past their timeout)
+        and return the seconds each took; re-raise any other error, in local mode, or past
+        `max_restarts`. A death reported by a call to an actor already replaced restarts
+        nothing (the caller submits the call again)."""
+        if self.local or (isinstance(err, ActorCallError) and not err.actor_died) or \
+                err.role != self.role:
+            raise err
+        if isinstance(err, ActorCallError):
+            if self.replaced_since(err.rank, err.started):
+                return []
+            ranks = [err.rank]
+        else:
+            ranks = list(err.ranks)
+        if self.restarts + len(ranks) > max_restarts:
+            raise RuntimeError(f"{self.role}: {self.restarts} restarts already "
+                               f"(run.max_restarts={max_restarts}); last: {err}") from err
+        log.warning("%s; restarting %s", err, "it" if len(ranks) == 1 else f"ranks {ranks}")
+        return [self.restart(r) for r in ranks]
 
     def replaced_since(self, rank: int, t: float) -> bool:
         """Whether the actor of `rank` was replaced after `t`: a failure of a call submitted
@@ -411,7 +518,7 @@ class ActorGroup(Generic[W]):
                          timeout=grace_s)
             except (ActorCallError, ActorTimeoutError, TypeError) as e:
                 log.warning("%s group: close failed, killing anyway: %s", self.role, e)
-        if not self.local and self._actors:
+        if not self.local:
             import ray
 
             for a in self._actors:
@@ -419,6 +526,13 @@ class ActorGroup(Generic[W]):
                     ray.kill(a)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
-            if self._pg is not None:
+            if self._shared_key is not None:  # the last colocated role removes it
+                SHARED_PLACEMENTS.release(self._shared_key)
+            elif self._pg is not None:
                 ray.util.remove_placement_group(self._pg)
-        self._actors, self._pg = [], None
+        self._actors, self._pg, self._shared_key = [], None, None
+
+    @property
+    def placement_group_id(self) -> str | None:
+        """The hex id of the placement group the actors run on (shared when colocated)."""
+        return None if self._pg is None else str(self._pg.id.hex())

@@ -38,7 +38,7 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from cai_ray.actors.group import ActorCallError, ActorGroup, Pending
+from cai_ray.actors.group import ActorCallError, ActorGroup, ActorTimeoutError, Pending
 from cai_ray.actors.ppo import PPOTrainerWorker, ReferenceWorker
 from cai_ray.actors.reward import HEAD_FILE, RewardWorker
 from cai_ray.actors.rollout import RolloutWorker
@@ -271,39 +271,39 @@ class PPORun:
 
     # --- faults ---------------------------------------------------------------------------------
 
-    def recover(self, group: ActorGroup[Any], err: ActorCallError) -> None:
-        """Restart a dead rollout, reward or reference actor and restore its state, or re-raise
-        (trainer failures, other errors, too many restarts)."""
-        if not err.actor_died or group.role == "trainer":
+    def recover(self, group: ActorGroup[Any], err: ActorCallError | ActorTimeoutError) -> None:
+        """Restart a dead or hung rollout, reward or reference actor and restore its state, or
+        re-raise (trainer failures and hangs, other errors, too many restarts)."""
+        if group.role == "trainer" or err.role != group.role or \
+                (isinstance(err, ActorCallError) and not err.actor_died):
             raise err
-        if group.replaced_since(err.rank, err.started):
-            return  # a call to the actor already replaced: the caller submits it again
-        if group.restarts >= self.cfg.run.max_restarts:
-            raise RuntimeError(f"{group.role}: {group.restarts} restarts already (run."
-                               f"max_restarts={self.cfg.run.max_restarts}); last: {err}") from err
         if group.role == "rollout" and self.transport == "nccl":
-            raise RuntimeError("a rollout engine died and NCCL weight sync cannot re-admit a "
+            raise RuntimeError("a rollout engine failed and NCCL weight sync cannot re-admit a "
                                "new one into its group; use ppo.weight_sync=object_store for "
                                "restarts, or --resume from the last checkpoint") from err
-        log.warning("%s; restarting it", err)
-        seconds = group.restart(err.rank)
-        if group.role == "reward":
-            group.call(err.rank, RewardWorker.load_for_scoring)
-        elif group.role == "rollout" and self.step > 0:  # a fresh engine has the initial weights
-            buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
-                                            self.cfg.ppo.sync_bucket_mb)[0]
-            self.rollout.call(err.rank, RolloutWorker.update_weights, self.step,
-                              buckets=buckets)
-        self.recovery_s.append(seconds)
-        self.fault_log.append({"step": self.step, "role": group.role, "rank": err.rank,
-                               "method": err.method, "restart_s": seconds})
+        ranks = [err.rank] if isinstance(err, ActorCallError) else list(err.ranks)
+        seconds = group.restart_failed(err, self.cfg.run.max_restarts)
+        for rank, s in zip(ranks, seconds, strict=False):  # empty: already replaced
+            if group.role == "reward":
+                group.call(rank, RewardWorker.load_for_scoring)
+            elif group.role == "rollout" and self.step > 0:  # a fresh engine: initial weights
+                buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
+                                                self.cfg.ppo.sync_bucket_mb)[0]
+                self.rollout.call(rank, RolloutWorker.update_weights, self.step,
+                                  buckets=buckets)
+            self.recovery_s.append(s)
+            self.fault_log.append({"step": self.step, "role": group.role, "rank": rank,
+                                   "method": err.method, "restart_s": s,
+                                   "cause": "hung" if isinstance(err, ActorTimeoutError)
+                                   else "died"})
 
     def retry(self, group: ActorGroup[Any], action: Callable[[], T]) -> T:
-        """Run `action` (calls on `group`), recovering from actor deaths and trying again."""
+        """Run `action` (calls on `group`), recovering from actor deaths and hangs and trying
+        again."""
         while True:
             try:
                 return action()
-            except ActorCallError as e:
+            except (ActorCallError, ActorTimeoutError) as e:
                 if e.role != group.role:
                     raise
                 self.recover(group, e)
@@ -396,7 +396,7 @@ class PPORun:
             try:
                 results = self.rollout.gather(batch.pending)
                 break
-            except ActorCallError as e:
+            except (ActorCallError, ActorTimeoutError) as e:
                 self.recover(self.rollout, e)
         by_id = {p.id: p for p in batch.prompts}
         return [Sample(by_id[res.request_id], res.prompt_token_ids, c.token_ids, c.text,

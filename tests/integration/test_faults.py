@@ -1,6 +1,7 @@
 """Fault tolerance during PPO: the rollout actor's process is SIGKILLed three times; the run
 restarts it, gives it the current weights, generates the lost batch again and finishes with the
-right step count, every prompt trained on exactly once."""
+right step count, every prompt trained on exactly once. A frozen reward actor is restarted when
+its call times out; a trainer death stops the run, and --resume finishes it."""
 
 from __future__ import annotations
 
@@ -21,16 +22,16 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
 
 
+def _pids(actor_class: str) -> list[int]:
+    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if " ".join(p.info["cmdline"] or []).startswith(f"ray::{actor_class}")]
+
+
 def _rollout_pids() -> list[int]:
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RolloutWorker"):
-            out.append(p.info["pid"])
-    return out
+    return _pids("RolloutWorker")
 
 
-def test_rollout_actor_killed_three_times(ray_local, tiny_model_dir, tmp_path: Path) -> None:
+def _save_tiny_pm(root: Path) -> None:
     import torch
 
     from cai_ray.actors.reward import load_reward_model, save_reward_model
@@ -40,7 +41,11 @@ def test_rollout_actor_killed_three_times(ray_local, tiny_model_dir, tmp_path: P
     spec = ModelSpec(path="tiny-llama")
     torch.manual_seed(0)
     save_reward_model(load_reward_model(spec, torch.float32), load_tokenizer(spec),
-                      tmp_path / "rm" / "model")
+                      root / "rm" / "model")
+
+
+def test_rollout_actor_killed_three_times(ray_local, tiny_model_dir, tmp_path: Path) -> None:
+    _save_tiny_pm(tmp_path)
     steps = 9
     cfg = load_config(TINY, [f"ppo.steps={steps}", "ppo.max_staleness=1",
                              "ppo.checkpoint_every=3"])
@@ -86,6 +91,57 @@ def test_rollout_actor_killed_three_times(ray_local, tiny_model_dir, tmp_path: P
     assert all(r["staleness/max"] <= 1 for r in rows)
 
 
+def test_frozen_reward_actor_is_restarted_after_its_call_timeout(ray_local, tiny_model_dir,
+                                                                 tmp_path: Path) -> None:
+    """A wedged actor (SIGSTOP: alive, never answering) is not waited on forever: its call
+    times out after run.call_timeout_s, the actor is replaced, and the step is scored again."""
+    _save_tiny_pm(tmp_path)
+    steps, timeout_s = 5, 40
+    cfg = load_config(TINY, [f"ppo.steps={steps}", "ppo.max_staleness=1",
+                             f"run.call_timeout_s={timeout_s}"])
+    run = PPORun(cfg, tmp_path, resume=False)
+    metrics = tmp_path / "ppo" / "metrics.jsonl"
+    frozen: list[int] = []
+    stop = threading.Event()
+
+    def freezer() -> None:
+        while not stop.is_set() and not frozen:
+            done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
+                if metrics.exists() else []
+            pids = _pids("RewardWorker")
+            if done and max(done) >= 2 and pids:
+                os.kill(pids[0], signal.SIGSTOP)
+                frozen.append(pids[0])
+            time.sleep(0.05)
+
+    t = threading.Thread(target=freezer, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        run.run()
+        gone = [not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+                for p in frozen]
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        for pid in frozen:  # never leave a stopped process behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert len(frozen) == 1 and gone == [True]  # the restart removed the frozen process
+    assert time.monotonic() - t0 > timeout_s  # it did wait out the timeout
+    summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
+    assert summary["steps"] == steps
+    assert [(f["role"], f["cause"]) for f in summary["faults"]] == [("reward", "hung")]
+    consumed = [json.loads(x) for x in
+                (tmp_path / "ppo" / "consumed.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in consumed] == list(range(1, steps + 1))
+    expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(
+        steps * cfg.ppo.rollout_batch_size)
+    assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
+
+
 def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_path: Path
                                                           ) -> None:
     """A trainer failure is not retried: the run stops naming the role and the call, the
@@ -93,18 +149,12 @@ def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_pa
     import subprocess
     import sys
 
-    import torch
-
-    from cai_ray.actors.reward import load_reward_model, save_reward_model
-    from cai_ray.config import ModelSpec
-    from cai_ray.models import load_tokenizer
-
-    spec = ModelSpec(path="tiny-llama")
-    torch.manual_seed(0)
-    save_reward_model(load_reward_model(spec, torch.float32), load_tokenizer(spec),
-                      tmp_path / "rm" / "model")
+    _save_tiny_pm(tmp_path)
+    # The trainer and the reference share bundles here: the shared placement group is
+    # released by the failed run and made again by --resume.
     args = [sys.executable, "-m", "cai_ray.cli", "ppo", "--config", str(TINY), "--output",
-            str(tmp_path), "ppo.steps=10", "ppo.checkpoint_every=2"]
+            str(tmp_path), "ppo.steps=10", "ppo.checkpoint_every=2",
+            "placement.colocate=[[trainer, reference]]"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -113,8 +163,7 @@ def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_pa
     while time.monotonic() < deadline and proc.poll() is None:
         done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
             if metrics.exists() else []
-        trainers = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-                    if " ".join(p.info["cmdline"] or []).startswith("ray::PPOTrainerWorker")]
+        trainers = _pids("PPOTrainerWorker")
         if done and max(done) >= 3 and trainers:
             os.kill(trainers[0], signal.SIGKILL)
             break

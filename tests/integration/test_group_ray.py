@@ -6,7 +6,13 @@ import time
 
 import pytest
 
-from cai_ray.actors.group import ActorCallError, ActorGroup, ActorTimeoutError
+from cai_ray.actors.group import (
+    SHARED_PLACEMENTS,
+    ActorCallError,
+    ActorGroup,
+    ActorTimeoutError,
+    Colocation,
+)
 from cai_ray.config import RoleResources
 from tests.workers import BrokenWorker, EchoWorker
 
@@ -59,3 +65,86 @@ def test_impossible_placement_times_out_naming_role(ray_local) -> None:
     with pytest.raises(ActorTimeoutError, match=r"trainer\[rank 0, 1\].placement group"):
         ActorGroup("trainer", EchoWorker, RoleResources(num_actors=2, num_cpus=1, num_gpus=1),
                    local=False, startup_timeout_s=2)
+
+
+def _free_in_bundles(pg_id: str, n: int) -> list[float]:
+    """CPUs still free in each bundle of a placement group (Ray reports them a moment late)."""
+    import ray
+
+    free: list[float] = []
+    for _ in range(50):
+        avail = ray.available_resources()
+        free = [avail.get(f"CPU_group_{i}_{pg_id}", 0.0) for i in range(n)]
+        time.sleep(0.1)
+        if free == [avail.get(f"CPU_group_{i}_{pg_id}", 0.0) for i in range(n)]:
+            break
+    return free
+
+
+def test_colocated_roles_share_bundles_until_the_last_shuts_down(ray_local) -> None:
+    import ray
+
+    res = RoleResources(num_actors=2, num_cpus=1)
+    col = Colocation.of(["trainer", "reference"], [res, res])
+    trainer = ActorGroup("trainer", EchoWorker, res, colocation=col, startup_timeout_s=120)
+    pg = trainer.placement_group_id
+    assert pg is not None and _free_in_bundles(pg, 2) == [1.0, 1.0]  # one trainer per bundle
+    reference = ActorGroup("reference", EchoWorker, res, colocation=col, startup_timeout_s=120)
+    try:
+        assert reference.placement_group_id == pg
+        assert {p for p, _ in trainer.call_all(EchoWorker.placement)
+                + reference.call_all(EchoWorker.placement)} == {pg}
+        assert _free_in_bundles(pg, 2) == [0.0, 0.0]  # bundle i: trainer i and reference i
+        old_pid = reference.call(1, EchoWorker.rank_and_pid)[1]
+        reference.restart(1)  # the replacement goes back onto the shared bundle 1
+        assert reference.call(1, EchoWorker.rank_and_pid)[1] != old_pid
+        assert reference.call(1, EchoWorker.placement)[0] == pg
+        assert _free_in_bundles(pg, 2) == [0.0, 0.0]
+        trainer.shutdown()
+        assert ray.util.placement_group_table()[pg]["state"] == "CREATED"  # still in use
+        assert reference.call_all(EchoWorker.double, [1]) == [[2], [2]]
+    finally:
+        trainer.shutdown()
+        reference.shutdown()
+    assert ray.util.placement_group_table()[pg]["state"] == "REMOVED"
+    assert SHARED_PLACEMENTS.count() == 0
+
+
+def test_impossible_colocation_times_out_naming_the_roles(ray_local) -> None:
+    res = RoleResources(num_actors=1, num_cpus=1, num_gpus=0.5)
+    col = Colocation.of(["reference", "reward"], [res, res])
+    with pytest.raises(ActorTimeoutError, match=r"reference\+reward\[rank 0\].placement group "
+                                                r"\(1 × \{'CPU': 2.0, 'GPU': 1.0\}, shared"):
+        ActorGroup("reward", EchoWorker, res, colocation=col, startup_timeout_s=2)
+    assert SHARED_PLACEMENTS.count() == 0
+
+
+def test_frozen_actor_is_restarted_when_its_call_times_out(ray_local) -> None:
+    """SIGSTOP leaves the actor alive but silent (a wedged engine): the call times out, the
+    actor is replaced on its bundle, and the call is made again."""
+    import os
+    import signal
+
+    g = ActorGroup("feedback", EchoWorker, RoleResources(num_actors=2, num_cpus=0.5),
+                   call_timeout_s=3, startup_timeout_s=120)
+    pids: list[int] = []
+    out: list[tuple[int, int]] = []
+    try:
+        pids = [pid for _, pid in g.call_all(EchoWorker.rank_and_pid)]
+        os.kill(pids[1], signal.SIGSTOP)
+        out = g.with_restarts(lambda: g.call_all(EchoWorker.rank_and_pid), max_restarts=2)
+        assert out[0] == (0, pids[0]) and out[1][0] == 1 and out[1][1] != pids[1]
+        assert g.restarts == 1
+        os.kill(out[1][1], signal.SIGSTOP)
+        os.kill(out[0][1], signal.SIGSTOP)  # two more would pass max_restarts=2: refused
+        with pytest.raises(RuntimeError, match=r"feedback: 1 restarts already \(run.max_restarts"
+                                               r"=2\); last: feedback\[rank 0, 1\].rank_and_pid "
+                                               r"did not finish within 3 s"):
+            g.with_restarts(lambda: g.call_all(EchoWorker.rank_and_pid), max_restarts=2)
+    finally:
+        for pid in pids + [p for _, p in out]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        g.shutdown(grace_s=5)

@@ -74,6 +74,21 @@ def test_impossible_values(override: str, path: str, fragment: str) -> None:
     assert fragment in probs[0].message
 
 
+def test_colocated_roles_must_fit_one_bundle() -> None:
+    probs = problems_of(None, ["placement.colocate=[[trainer, reference]]",
+                               "placement.trainer.num_actors=2"])
+    assert [p.path for p in probs] == ["placement.colocate[0]"]
+    assert "equal num_actors" in probs[0].message and "'reference': 1" in probs[0].message
+    probs = problems_of(None, ["placement.colocate=[[reward, reference]]",
+                               "placement.reward.num_gpus=0.6", "placement.reference.num_gpus=0.6"])
+    assert [p.path for p in probs] == ["placement.colocate[0]"]
+    assert "add up to at most 1" in probs[0].message
+    cfg = load_config(None, ["placement.colocate=[[reward, reference]]",
+                             "placement.reward.num_gpus=0.5", "placement.reference.num_gpus=0.5"],
+                      check_env=False)
+    assert cfg.placement.colocate == [["reward", "reference"]]
+
+
 def test_nested_section_must_be_mapping() -> None:
     probs = problems_of(None, ["ppo=3"])
     assert probs[0].path == "ppo" and "expected a mapping" in probs[0].message
