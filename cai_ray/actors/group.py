@@ -486,6 +486,7 @@ class ActorGroup(Generic[W]):
         limit = self.call_timeout_s if timeout is None else timeout
         if not pendings:
             return [], []
+        done: set[Any]
         if self.local:
             done, _ = cf.wait([p.handle for p in pendings], timeout=limit,
                               return_when=cf.FIRST_COMPLETED)
