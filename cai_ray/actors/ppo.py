@@ -28,6 +28,7 @@ from cai_ray.actors.trainer import (
     Sequence,
     TrainerWorker,
     ds_config,
+    load_weights_only,
     pack_sequences,
     token_logprobs,
 )
@@ -224,10 +225,13 @@ class PPOTrainerWorker(TrainerWorker):
         return path
 
     def load_checkpoint(self, path: str) -> int:
+        """Read a checkpoint back (`torch.load(weights_only=True)`: no code runs from it)."""
+        load_weights_only(self.engine)
         _, client = self.engine.load_checkpoint(str(Path(path) / "policy"), tag="state")
         if client is None:
             raise FileNotFoundError(f"no policy checkpoint in {path}")
         if self.critic is not None:
+            load_weights_only(self.critic)
             self.critic.load_checkpoint(str(Path(path) / "critic"), tag="state")
         self.updates = int(client["updates"])
         torch.set_rng_state(client["torch_rng"])

@@ -149,6 +149,31 @@ class DistributedWorker(Worker):
         deepspeed.init_distributed(dist_backend=backend)
 
 
+def checkpoint_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and containers: the
+    only globals a checkpoint may name when it is read back."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(engine: Any) -> None:
+    """Make `engine.load_checkpoint` read with `torch.load(weights_only=True)`: DeepSpeed's own
+    reader unpickles anything, so a checkpoint handed over from elsewhere could run code.
+    Tensors, containers and `checkpoint_globals()` load; any other global is refused."""
+    import torch
+
+    allowed = checkpoint_globals()
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
 def start_ranks(group: ActorGroup[Any], setup: Callable[..., int], total_steps: int,
                 timeout_s: float) -> None:
     """Ask rank 0 for a rendezvous address, then run `setup` on every rank at once (each

@@ -87,3 +87,31 @@ def test_advantages_gae_and_grpo_use_the_pm_score_and_the_kl() -> None:
     torch.testing.assert_close(out["advantages"], torch.tensor([[1.0, 1.0], [-1.0, 0.0]]),
                                atol=1e-4, rtol=0)
     assert "returns" not in out
+
+
+class _Payload:
+    """A pickle that would run code when loaded."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("this ran while loading",))
+
+
+def test_checkpoints_are_read_weights_only(tmp_path: Path) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from cai_ray.actors.trainer import load_weights_only
+
+    class Engine:  # what DeepSpeedEngine.load_checkpoint reads every file through
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine = Engine()
+    load_weights_only(engine)
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2), "scaler": LossScaler(1.0), "step": 3}, good)
+    out = engine.checkpoint_engine.load(str(good), map_location="cpu")
+    assert out["step"] == 3 and torch.equal(out["w"], torch.ones(2))
+    bad = tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(2), "x": _Payload()}, bad)
+    with pytest.raises(Exception, match="Unsupported global: GLOBAL print"):
+        engine.checkpoint_engine.load(str(bad), map_location="cpu")
