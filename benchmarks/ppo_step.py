@@ -12,7 +12,10 @@
 (b) Critic-free GRPO, our loop (`ppo.advantage=grpo`: vLLM rollouts, PM scores, DeepSpeed
     update, weight sync) vs TRL's GRPOTrainer (HF generate), with the same policy, PM as
     reward, prompts, batch (P prompts × G samples), generation length, sampling, β, learning rate
-    and dtype, one optimizer step per batch. Median episodes/s; ratio ours / TRL.
+    and dtype, one optimizer step per batch, β·KL in the loss as TRL has it
+    (`ppo.kl_penalty=loss`, so our trainer skips the old-log-prob forward). Ours twice:
+    synchronous (on-policy, like TRL) and streaming (`max_staleness=1`, rollout pinned to
+    core 0 and the other roles to core 1 as in (a)). Median episodes/s; ratios ours / TRL.
 (c) Weight-sync time per step in the streaming run of (a) and its share of the step.
 
 Without `--pm` the PM is the policy's backbone with a fresh scalar head (timing does not depend
@@ -74,10 +77,13 @@ def base_overrides(args: argparse.Namespace, pm: Path) -> list[str]:
             "run.log_level=WARNING"]
 
 
+PIN = ["placement.rollout.cpu_affinity=[0]", "placement.rollout.threads=1"] + [
+    f"placement.{r}.{k}" for r in ("trainer", "reward", "reference")
+    for k in ("cpu_affinity=[1]", "threads=1")]
+
+
 def part_a(args: argparse.Namespace, pm: Path) -> dict[str, Any]:
-    pin = ["placement.rollout.cpu_affinity=[0]", "placement.rollout.threads=1"] + [
-        f"placement.{r}.{k}" for r in ("trainer", "reward", "reference")
-        for k in ("cpu_affinity=[1]", "threads=1")]
+    pin = PIN
     out: dict[str, Any] = {}
     for mode, stale in (("sync", 0), ("stream", 1)):
         cfg = load_config(CONFIG, base_overrides(args, pm) + pin +
@@ -105,17 +111,26 @@ def part_b(args: argparse.Namespace, pm: Path) -> dict[str, Any]:
     P, G, L = args.grpo_prompts, args.grpo_group, args.grpo_tokens
     ov = base_overrides(args, pm) + [
         "ppo.advantage=grpo", f"ppo.samples_per_prompt={G}", f"ppo.rollout_batch_size={P}",
-        f"ppo.mini_batch_size={P * G}", "ppo.max_staleness=0", "trainer.micro_batch_size=8",
+        f"ppo.mini_batch_size={P * G}", "ppo.kl_penalty=loss", "trainer.micro_batch_size=8",
         f"rollout.sampling.max_new_tokens={L}"]
+    out: dict[str, Any] = {}
     cfg = load_config(CONFIG, ov)
-    rows = run_ours(cfg, Path(args.out) / "b-ours")
-    ours = P * G / median_after_first([r["time/step"] for r in rows])
-    print(f"(b) ours (GRPO, vLLM + DeepSpeed): {ours:.3f} episodes/s", flush=True)
-    trl = trl_grpo(cfg, pm, P, G, L, args.steps)
-    print(f"(b) TRL GRPOTrainer (HF generate): {trl:.3f} episodes/s")
-    ratio = ours / trl
-    print(f"(b) ours / TRL episodes/s = {ratio:.2f} (target >= 1.2)")
-    return {"ours_eps": ours, "trl_eps": trl, "ratio": ratio}
+    for mode, extra in (("sync", ["ppo.max_staleness=0"]),
+                        ("stream", ["ppo.max_staleness=1"] + PIN)):
+        cfg = load_config(CONFIG, ov + extra)
+        rows = run_ours(cfg, Path(args.out) / f"b-ours-{mode}")
+        out[f"ours_{mode}_eps"] = P * G / median_after_first([r["time/step"] for r in rows])
+        parts = {k: median_after_first([r[f"time/{k}"] for r in rows])
+                 for k in ("generate_wait", "score", "reference", "train")}
+        print(f"(b) ours {mode:6s} (GRPO, vLLM + DeepSpeed): {out[f'ours_{mode}_eps']:.3f} "
+              f"episodes/s ({', '.join(f'{k} {v:.1f} s' for k, v in parts.items())})",
+              flush=True)
+    out["trl_eps"] = trl_grpo(cfg, pm, P, G, L, args.steps)
+    print(f"(b) TRL GRPOTrainer (HF generate): {out['trl_eps']:.3f} episodes/s")
+    for mode in ("sync", "stream"):
+        out[f"ratio_{mode}"] = out[f"ours_{mode}_eps"] / out["trl_eps"]
+        print(f"(b) ours {mode} / TRL episodes/s = {out[f'ratio_{mode}']:.2f} (target >= 1.2)")
+    return out
 
 
 def trl_grpo(cfg: Config, pm: Path, P: int, G: int, L: int, steps: int) -> float:

@@ -182,6 +182,9 @@ class PPOConfig:
     kl_coef: float = option(0.001, "β of the KL penalty to the initial policy (HH: 0.001)",
                             non_negative)
     kl_estimator: Literal["k1", "k3"] = option("k1", "per-token KL estimator")
+    kl_penalty: Literal["reward", "loss"] = option(
+        "reward", "where β·KL goes: subtracted from the reward (the paper's PPO), or added to "
+        "the policy loss per token with the k3 estimator (GRPO's form, TRL's `beta`)")
     adaptive_kl: bool = option(False, "adapt β towards target_kl")
     target_kl: float = option(6.0, "target KL for the adaptive controller", positive)
     gamma: float = option(1.0, "discount (paper: 1)", in_range(0.0, 1.0))
@@ -209,11 +212,22 @@ class PPOConfig:
         "1e-3 when both run float32, else 4× the noise floor measured before the first update",
         positive)
 
+    @property
+    def single_update(self) -> bool:
+        """One optimizer step per batch with no critic and the KL in the loss: the "old"
+        log-probs are the weights being trained, so the separate forward pass that would
+        compute them is skipped (ρ = 1 exactly, the gradient unchanged)."""
+        return (self.ppo_epochs == 1 and self.advantage != "gae" and self.kl_penalty == "loss"
+                and self.mini_batch_size == self.rollout_batch_size * self.samples_per_prompt)
+
     def problems(self) -> list[tuple[str, str]]:
         out = []
         if self.mini_batch_size > self.rollout_batch_size * self.samples_per_prompt:
             out.append(("mini_batch_size", "must be <= rollout_batch_size × samples_per_prompt "
                         f"({self.rollout_batch_size * self.samples_per_prompt})"))
+        if self.kl_penalty == "loss" and self.advantage == "gae":
+            out.append(("kl_penalty", "kl_penalty=loss is for the critic-free estimators (rloo, "
+                        "grpo); GAE takes the KL as a per-token reward"))
         if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
             out.append(("samples_per_prompt", f"advantage={self.advantage} needs >= 2 samples "
                         f"per prompt, got {self.samples_per_prompt}"))

@@ -35,7 +35,7 @@ from cai_ray.actors.trainer import (
 from cai_ray.actors.weight_sync import Named, TensorMeta, cut_buckets, nccl_group, nccl_send
 from cai_ray.actors.weight_sync import publish as publish_buckets
 from cai_ray.algorithms.masked import masked_mean
-from cai_ray.algorithms.ppo import policy_loss, value_loss
+from cai_ray.algorithms.ppo import kl_penalty, policy_loss, value_loss
 from cai_ray.config import ModelSpec, PPOConfig, TrainerConfig
 from cai_ray.models import load_causal_lm, load_tokenizer
 
@@ -101,11 +101,17 @@ class PPOTrainerWorker(TrainerWorker):
                     vals.append(self._values(ids, attn, mask))
         return torch.cat(lps).cpu(), torch.cat(vals).cpu() if vals else None
 
-    def train_ppo(self, seqs: list[Sequence], old_logprobs: Any, advantages: Any,
-                  returns: Any | None, old_values: Any | None) -> dict[str, float]:
+    def train_ppo(self, seqs: list[Sequence], old_logprobs: Any | None, advantages: Any,
+                  returns: Any | None, old_values: Any | None, ref_logprobs: Any | None = None,
+                  kl_coef: float = 0.0) -> dict[str, float]:
         """PPO epochs over this rank's share of a batch, in shuffled minibatches of
         mini_batch_size / world sequences (one optimizer step each, accumulated over
-        micro-batches). Per-token inputs are flat [N] over the sequences' response tokens."""
+        micro-batches). Per-token inputs are flat [N] over the sequences' response tokens.
+
+        `old_logprobs` None (`ppo.single_update`): the batch is one optimizer step, so the
+        weights do not move before every micro-batch has run and the log-probs of this very
+        forward are the old ones. `ref_logprobs` given (`ppo.kl_penalty=loss`): β·k3 KL to
+        the reference, averaged over tokens, is added to the loss; stats kl_token, kl_seq."""
         t0 = time.monotonic()
         p = self.ppo
         lengths = [len(r) for _, r in seqs]
@@ -117,6 +123,9 @@ class PPOTrainerWorker(TrainerWorker):
             return torch.cat([x[starts[i]:starts[i + 1]] for i in idx]).to(self.engine.device)
 
         per_rank = p.mini_batch_size // self.ctx.world_size
+        if old_logprobs is None and (p.ppo_epochs != 1 or per_rank < len(seqs)):
+            raise ValueError("old log-probs may be left out only when the batch is a single "
+                             "optimizer step (ppo.single_update)")
         mb = self.cfg.micro_batch_size
         rng = random.Random(self.seed * 100_003 + self.updates)
         sums: dict[str, float] = {}
@@ -136,11 +145,16 @@ class PPOTrainerWorker(TrainerWorker):
                                                entropy=True)
                     ones = torch.ones_like(logp, dtype=torch.bool)
                     adv = take(advantages, idx)
-                    loss, stats = policy_loss(logp, take(old_logprobs, idx), adv, ones,
-                                              p.clip_eps)
+                    old = logp.detach() if old_logprobs is None else take(old_logprobs, idx)
+                    loss, stats = policy_loss(logp, old, adv, ones, p.clip_eps)
                     entropy = masked_mean(ent, ones)
                     if p.entropy_coef:
                         loss = loss - p.entropy_coef * entropy
+                    if ref_logprobs is not None:
+                        kl = kl_penalty(logp, take(ref_logprobs, idx), "k3")
+                        loss = loss + kl_coef * kl.mean()
+                        stats.update(kl_token=float(kl.mean().item()),
+                                     kl_seq=float(kl.detach().sum().item()) / len(idx))
                     self.engine.backward(loss)
                     self.engine.step()
                     stats.update(policy_loss=float(loss.item()), entropy=float(entropy.item()))

@@ -120,14 +120,24 @@ def to_rows(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch
     return out, mask
 
 
-def advantages(cfg: Config, scores: torch.Tensor, old: torch.Tensor, ref: torch.Tensor,
+def advantages(cfg: Config, scores: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor,
                values: torch.Tensor | None, mask: torch.Tensor, kl_coef: float
                ) -> dict[str, torch.Tensor]:
-    """Advantages (and critic returns) of one batch, all [B, T] but `seq_kl` [B]."""
+    """Advantages (and critic returns) of one batch, all [B, T] but `seq_kl` [B]. With
+    `ppo.kl_penalty=loss` the reward is the score alone (the trainer adds β·KL to its loss) and
+    `seq_kl` is left out when the old log-probs were not computed (`old` None)."""
     p = cfg.ppo
-    kl = torch.where(mask, kl_penalty(old, ref, p.kl_estimator), torch.zeros_like(old))
+    out: dict[str, torch.Tensor] = {}
+    if old is None:
+        if p.kl_penalty != "loss":
+            raise ValueError("the old log-probs are needed for a KL penalty in the reward")
+        kl = torch.zeros_like(ref)
+    else:
+        kl = torch.where(mask, kl_penalty(old, ref, p.kl_estimator), torch.zeros_like(old))
+        out["seq_kl"] = masked_sum(kl, mask, dim=1)
+    if p.kl_penalty == "loss":
+        kl_coef = 0.0
     seq_kl = masked_sum(kl, mask, dim=1)
-    out: dict[str, torch.Tensor] = {"seq_kl": seq_kl}
     if p.advantage == "gae":
         if values is None:
             raise ValueError("advantage=gae needs the critic's values")
@@ -417,9 +427,10 @@ class PPORun:
         score_p = self.scorer.submit_shards(
             RewardWorker.score, [(s.prompt.messages, s.text) for s in samples])
         ref_p = self.reference.submit_shards(ReferenceWorker.logprobs, seqs)
-        exp_p = [self.trainer.submit(r, PPOTrainerWorker.experience, shards[r])
-                 for r in range(world)]
-        exp = self.trainer.get(exp_p)
+        exp: list[tuple[Any, Any]] = []
+        if not cfg.ppo.single_update:  # else the old log-probs are the training forward's own
+            exp = self.trainer.get([self.trainer.submit(r, PPOTrainerWorker.experience,
+                                                        shards[r]) for r in range(world)])
         m["time/experience"] = time.monotonic() - t0
         items = [(s.prompt.messages, s.text) for s in samples]
         scores = torch.tensor(self.retry(self.scorer, lambda: self.scorer.gather(
@@ -432,40 +443,50 @@ class PPORun:
         m["time/reference"] = time.monotonic() - t0
 
         t1 = time.monotonic()
-        old, mask = to_rows(torch.cat([e[0] for e in exp]), lengths)
-        ref, _ = to_rows(ref_flat, lengths)
+        ref, mask = to_rows(ref_flat, lengths)
+        old = to_rows(torch.cat([e[0] for e in exp]), lengths)[0] if exp else None
         values = to_rows(torch.cat([e[1] for e in exp]), lengths)[0] \
-            if exp[0][1] is not None else None
+            if exp and exp[0][1] is not None else None
         a = advantages(cfg, scores, old, ref, values, mask, self.kl.coef)
         m["time/advantages"] = time.monotonic() - t1
 
         t2 = time.monotonic()
-        flat = {k: v[mask] for k, v in (("old", old), ("adv", a["advantages"]))}
+        flat = {k: v[mask] for k, v in (("old", old), ("adv", a["advantages"]))
+                if v is not None}
         if "returns" in a and values is not None:
             flat["ret"], flat["val"] = a["returns"][mask], values[mask]
+        in_loss = cfg.ppo.kl_penalty == "loss"
+        if in_loss:
+            flat["ref"] = ref_flat
         tok_bounds = [sum(lengths[:b]) for b in bounds]
         stats = self.trainer.get([self.trainer.submit(
             r, PPOTrainerWorker.train_ppo, shards[r],
             *[flat[k][tok_bounds[r]:tok_bounds[r + 1]] if k in flat else None
-              for k in ("old", "adv", "ret", "val")]) for r in range(world)])
+              for k in ("old", "adv", "ret", "val", "ref")],
+            kl_coef=self.kl.coef if in_loss else 0.0) for r in range(world)])
         m["time/train"] = time.monotonic() - t2
         for k in stats[0]:
             m[f"policy/{k}" if k not in ("value_loss", "value_clip_fraction") else
               f"value/{k.removeprefix('value_')}"] = sum(s[k] for s in stats) / len(stats)
 
-        gap = [abs(x - y) for s, row in zip(samples, old.tolist(), strict=True)
-               if s.rollout_logprobs for x, y in zip(s.rollout_logprobs, row, strict=False)]
-        seq_kl = a["seq_kl"]
+        if in_loss:  # what the loss penalised (k3), before this update
+            kl_mean, kl_token = m.pop("policy/kl_seq"), m.pop("policy/kl_token")
+        else:
+            kl_mean = float(a["seq_kl"].mean())
+            assert old is not None
+            kl_token = float(masked_mean(torch.where(mask, old - ref, 0.0), mask))
         m.update({
             "reward/score_mean": float(scores.mean()), "reward/score_std": float(scores.std())
             if len(scores) > 1 else 0.0,
-            "reward/total_mean": float((scores - self.kl.coef * seq_kl).mean()),
-            "kl/mean": float(seq_kl.mean()), "kl/coef": self.kl.coef,
-            "kl/token_mean": float(masked_mean(torch.where(mask, old - ref, 0.0), mask)),
+            "reward/total_mean": float(scores.mean()) - self.kl.coef * kl_mean,
+            "kl/mean": kl_mean, "kl/coef": self.kl.coef, "kl/token_mean": kl_token,
             "response/length_mean": float(sum(lengths) / len(lengths)),
-            "rollout/logprob_gap": float(sum(gap) / len(gap)) if gap else 0.0,
         })
-        self.kl.update(float(seq_kl.mean()), len(samples))
+        if old is not None:
+            gap = [abs(x - y) for s, row in zip(samples, old.tolist(), strict=True)
+                   if s.rollout_logprobs for x, y in zip(s.rollout_logprobs, row, strict=False)]
+            m["rollout/logprob_gap"] = float(sum(gap) / len(gap)) if gap else 0.0
+        self.kl.update(kl_mean, len(samples))
         m["_scores"] = scores.tolist()  # type: ignore[assignment]
         return m
 

@@ -92,6 +92,32 @@ def test_ppo_learns_what_the_pm_rewards_with_streaming(marker_pm: Path, tmp_path
     assert summary["steps"] == 30 and len(summary["score_curve"]) == 30
 
 
+def test_grpo_single_update_with_kl_in_the_loss_learns(marker_pm: Path, tmp_path: Path
+                                                       ) -> None:
+    """GRPO as its paper has it (β·KL in the loss) with one optimizer step per batch: the
+    trainer skips the separate old-log-prob forward and still learns what the PM rewards."""
+    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=24", "trainer.lr=1e-3",
+                             "ppo.advantage=grpo", "ppo.samples_per_prompt=2",
+                             "ppo.rollout_batch_size=8", "ppo.mini_batch_size=16",
+                             "ppo.kl_penalty=loss", "ppo.kl_coef=0.01", "ppo.max_staleness=1",
+                             "ppo.checkpoint_every=24"])
+    assert cfg.ppo.single_update
+    run_ppo(cfg, tmp_path)
+    rows = [r for r in _metrics(tmp_path) if "reward/score_mean" in r]
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    score = [r["reward/score_mean"] for r in rows]
+    first, last = sum(score[:5]) / 5, sum(score[-5:]) / 5
+    spread = max(r["reward/score_std"] for r in rows[:5])
+    assert last > first + 2 * spread, (first, last, spread, score)
+    assert all(r["policy/ratio_mean"] == pytest.approx(1.0) for r in rows)  # on-policy, ρ = 1
+    assert all(r["policy/clip_fraction"] == 0.0 for r in rows)
+    kl = [r["kl/mean"] for r in rows]
+    assert kl[0] == pytest.approx(0.0, abs=1e-5) and all(0 <= k < 64 for k in kl), kl  # k3 ≥ 0
+    assert max(kl) > 0.01  # the policy did move away from the reference
+    assert "rollout/logprob_gap" not in rows[-1]  # no old log-probs were computed
+    assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)
+
+
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float) -> None:
     path = run / "ppo" / "metrics.jsonl"
     deadline = time.monotonic() + timeout

@@ -89,6 +89,27 @@ def test_advantages_gae_and_grpo_use_the_pm_score_and_the_kl() -> None:
     assert "returns" not in out
 
 
+def test_kl_in_the_loss_leaves_the_reward_alone_and_needs_no_old_logprobs() -> None:
+    over = ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.whiten_advantages=false",
+            "ppo.rollout_batch_size=1", "ppo.mini_batch_size=2"]
+    mask = torch.tensor([[True, True], [True, False]])
+    ref = torch.tensor([[-1.5, -2.0], [-1.0, 0.0]])
+    scores = torch.tensor([1.0, -1.0])
+    loss = load_config(ROOT / "configs" / "cpu-tiny.yaml", over + ["ppo.kl_penalty=loss"])
+    assert loss.ppo.single_update
+    out = advantages(loss, scores, None, ref, None, mask, kl_coef=0.5)
+    torch.testing.assert_close(out["advantages"], torch.tensor([[1.0, 1.0], [-1.0, 0.0]]),
+                               atol=1e-4, rtol=0)  # β is not taken off the score
+    assert "seq_kl" not in out
+    reward = load_config(ROOT / "configs" / "cpu-tiny.yaml", over)
+    assert not reward.ppo.single_update  # the reward's KL needs the old log-probs
+    with pytest.raises(ValueError, match="old log-probs are needed"):
+        advantages(reward, scores, None, ref, None, mask, kl_coef=0.5)
+    two_epochs = load_config(ROOT / "configs" / "cpu-tiny.yaml",
+                             over + ["ppo.kl_penalty=loss", "ppo.ppo_epochs=2"])
+    assert not two_epochs.ppo.single_update
+
+
 class _Payload:
     """A pickle that would run code when loaded."""
 
