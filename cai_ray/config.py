@@ -181,7 +181,8 @@ class PPOConfig:
     samples_per_prompt: int = option(1, "responses per prompt (rloo/grpo need >= 2)", positive)
     kl_coef: float = option(0.001, "β of the KL penalty to the initial policy (HH: 0.001)",
                             non_negative)
-    kl_estimator: Literal["k1", "k3"] = option("k1", "per-token KL estimator")
+    kl_estimator: Literal["k1", "k3"] = option("k1", "per-token KL estimator of the reward's "
+                                               "penalty (kl_penalty=loss always uses k3)")
     kl_penalty: Literal["reward", "loss"] = option(
         "reward", "where β·KL goes: subtracted from the reward (the paper's PPO), or added to "
         "the policy loss per token with the k3 estimator (GRPO's form, TRL's `beta`)")

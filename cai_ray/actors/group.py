@@ -122,14 +122,34 @@ class Colocation:
         return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v > 0}
 
 
+@dataclass
+class _Shared:
+    pg: Any
+    refs: int
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+def _alive(pg: Any) -> bool:
+    from ray.util.placement_group import placement_group_table
+
+    try:
+        return bool(placement_group_table(pg).get("state") == "CREATED")
+    except Exception:  # noqa: BLE001 - unknown to this Ray session
+        return False
+
+
 class _SharedPlacements:
     """The placement groups of colocated roles in this driver, reference-counted: the first
-    group of a colocated set creates it, the last one to shut down removes it. Keyed by the
-    Ray job too, so a new `ray.init` never reuses a group of a finished session."""
+    group of a colocated set creates it, the last one to shut down removes it. The colocated
+    roles start concurrently: the first waits for the group to be placed (outside the lock,
+    so other sets and releases go on), the others wait for its outcome, success or failure.
+    An entry whose group Ray no longer holds (a Ray session that ended without the groups
+    shutting down) is replaced, never reused."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._groups: dict[tuple[str, Colocation, str], tuple[Any, int]] = {}
+        self._groups: dict[tuple[str, Colocation, str], _Shared] = {}
 
     def acquire(self, col: Colocation, strategy: str, timeout_s: float) -> tuple[Any, Any]:
         """(key, placement group), creating and waiting for it on first use."""
@@ -137,33 +157,49 @@ class _SharedPlacements:
         from ray.util.placement_group import placement_group
 
         key = (ray.get_runtime_context().get_job_id(), col, strategy)
-        with self._lock:  # the colocated roles start concurrently: one creates, others wait
-            if key in self._groups:
-                pg, refs = self._groups[key]
-                self._groups[key] = (pg, refs + 1)
-                return key, pg
-            pg = placement_group([col.bundle] * col.num_bundles, strategy=strategy,
-                                 name=f"cai-ray-{'+'.join(col.roles)}-{os.getpid()}")
-            ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        with self._lock:
+            entry = self._groups.get(key)
+            if entry is not None and entry.ready.is_set() and not _alive(entry.pg):
+                entry = None  # left over from an earlier Ray session
+            creator = entry is None
+            if entry is None:
+                entry = _Shared(placement_group(
+                    [col.bundle] * col.num_bundles, strategy=strategy,
+                    name=f"cai-ray-{'+'.join(col.roles)}-{os.getpid()}"), 1)
+                self._groups[key] = entry
+            else:
+                entry.refs += 1
+        if creator:
+            ready, _ = ray.wait([entry.pg.ready()], timeout=timeout_s)
             if not ready:
-                ray.util.remove_placement_group(pg)
-                raise ActorTimeoutError("+".join(col.roles), list(range(col.num_bundles)),
-                                        f"placement group ({col.num_bundles} × {col.bundle}, "
-                                        f"shared; cluster has {ray.available_resources()})",
-                                        timeout_s)
-            self._groups[key] = (pg, 1)
-            return key, pg
+                entry.error = ActorTimeoutError(
+                    "+".join(col.roles), list(range(col.num_bundles)),
+                    f"placement group ({col.num_bundles} × {col.bundle}, shared; cluster has "
+                    f"{ray.available_resources()})", timeout_s)
+                with self._lock:
+                    self._groups.pop(key, None)
+                ray.util.remove_placement_group(entry.pg)
+            entry.ready.set()
+        elif not entry.ready.wait(timeout_s):
+            self.release(key)
+            raise ActorTimeoutError("+".join(col.roles), list(range(col.num_bundles)),
+                                    "placement group (shared, still being placed)", timeout_s)
+        if entry.error is not None:
+            raise entry.error
+        return key, entry.pg
 
     def release(self, key: Any) -> None:
         import ray
 
         with self._lock:
-            pg, refs = self._groups[key]
-            if refs > 1:
-                self._groups[key] = (pg, refs - 1)
+            entry = self._groups.get(key)
+            if entry is None:  # failed to place, or already replaced
+                return
+            entry.refs -= 1
+            if entry.refs > 0:
                 return
             del self._groups[key]
-        ray.util.remove_placement_group(pg)
+        ray.util.remove_placement_group(entry.pg)
 
     def count(self) -> int:
         with self._lock:
@@ -511,27 +547,36 @@ class ActorGroup(Generic[W]):
             done, left = self.wait_some(left, timeout)
             yield from done
 
-    def shutdown(self, grace_s: float = 60.0) -> None:
-        """Close every worker, stop the actors and release the placement group (idempotent)."""
-        if self._actors:
-            try:
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """Close every worker (waiting at most `grace_s`, default the smaller of 60 s and the
+        call timeout), stop the actors and release the placement group (idempotent; the actors
+        are stopped and the group released whatever `close` does)."""
+        try:
+            if self._actors:
                 self.get([self.submit(r, Worker.close) for r in range(self.num_actors)],
-                         timeout=grace_s)
-            except (ActorCallError, ActorTimeoutError, TypeError) as e:
-                log.warning("%s group: close failed, killing anyway: %s", self.role, e)
-        if not self.local:
-            import ray
+                         timeout=min(60.0, self.call_timeout_s) if grace_s is None
+                         else grace_s)
+        except Exception as e:  # noqa: BLE001 - stopping anyway
+            log.warning("%s group: close failed, killing anyway: %s", self.role, e)
+        finally:
+            self._stop()
 
-            for a in self._actors:
-                try:
-                    ray.kill(a)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-            if self._shared_key is not None:  # the last colocated role removes it
-                SHARED_PLACEMENTS.release(self._shared_key)
-            elif self._pg is not None:
-                ray.util.remove_placement_group(self._pg)
+    def _stop(self) -> None:
+        actors, pg, key = self._actors, self._pg, self._shared_key
         self._actors, self._pg, self._shared_key = [], None, None
+        if self.local:
+            return
+        import ray
+
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if key is not None:  # the last colocated role removes it
+            SHARED_PLACEMENTS.release(key)
+        elif pg is not None:
+            ray.util.remove_placement_group(pg)
 
     @property
     def placement_group_id(self) -> str | None:

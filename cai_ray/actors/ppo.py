@@ -133,7 +133,8 @@ class PPOTrainerWorker(TrainerWorker):
         self.engine.train()
         if self.critic is not None:
             self.critic.train()
-        for _ in range(p.ppo_epochs):
+        kl_tokens, kl_count = 0.0, 0
+        for epoch in range(p.ppo_epochs):
             order = list(range(len(seqs)))
             rng.shuffle(order)
             for start in range(0, len(order), per_rank):
@@ -153,8 +154,9 @@ class PPOTrainerWorker(TrainerWorker):
                     if ref_logprobs is not None:
                         kl = kl_penalty(logp, take(ref_logprobs, idx), "k3")
                         loss = loss + kl_coef * kl.mean()
-                        stats.update(kl_token=float(kl.mean().item()),
-                                     kl_seq=float(kl.detach().sum().item()) / len(idx))
+                        if epoch == 0:  # the KL of the batch's policy, before any update
+                            kl_tokens += float(kl.detach().sum().item())
+                            kl_count += kl.numel()
                     self.engine.backward(loss)
                     self.engine.step()
                     stats.update(policy_loss=float(loss.item()), entropy=float(entropy.item()))
@@ -170,6 +172,9 @@ class PPOTrainerWorker(TrainerWorker):
                     count += 1
         self.updates += 1
         out = {k: v / max(count, 1) for k, v in sums.items()}
+        if ref_logprobs is not None:
+            out["kl_token"] = kl_tokens / max(kl_count, 1)
+            out["kl_seq"] = kl_tokens / max(len(seqs), 1)
         norm = self.engine.get_global_grad_norm()
         if norm is not None and math.isfinite(float(norm)):
             out["grad_norm"] = float(norm)

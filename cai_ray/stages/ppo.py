@@ -293,12 +293,14 @@ class PPORun:
                                "restarts, or --resume from the last checkpoint") from err
         ranks = [err.rank] if isinstance(err, ActorCallError) else list(err.ranks)
         seconds = group.restart_failed(err, self.cfg.run.max_restarts)
+        buckets: list[Any] | None = None
         for rank, s in zip(ranks, seconds, strict=False):  # empty: already replaced
             if group.role == "reward":
                 group.call(rank, RewardWorker.load_for_scoring)
             elif group.role == "rollout" and self.step > 0:  # a fresh engine: initial weights
-                buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
-                                                self.cfg.ppo.sync_bucket_mb)[0]
+                if buckets is None:
+                    buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
+                                                    self.cfg.ppo.sync_bucket_mb)[0]
                 self.rollout.call(rank, RolloutWorker.update_weights, self.step,
                                   buckets=buckets)
             self.recovery_s.append(s)
@@ -517,7 +519,10 @@ class PPORun:
                 save_group_model(self.trainer, TrainerWorker.save, final)
             finally:
                 for g in reversed(self.groups):
-                    g.shutdown()
+                    try:
+                        g.shutdown()
+                    except Exception as e:  # noqa: BLE001 - the other groups still stop
+                        log.warning("%s group: shutdown failed: %s", g.role, e)
         summary = self._summary(time.monotonic() - t_start)
         (self.dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         log.info("PPO: %d steps; score %.3f → %.3f; KL %.3f; policy -> %s", p.steps,

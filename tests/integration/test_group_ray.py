@@ -67,18 +67,18 @@ def test_impossible_placement_times_out_naming_role(ray_local) -> None:
                    local=False, startup_timeout_s=2)
 
 
-def _free_in_bundles(pg_id: str, n: int) -> list[float]:
-    """CPUs still free in each bundle of a placement group (Ray reports them a moment late)."""
+def _wait_free(pg_id: str, expected: list[float], timeout_s: float = 30.0) -> list[float]:
+    """CPUs free in each bundle of a placement group, polled until they equal `expected` (Ray
+    reports resource use a moment late) or the deadline passes."""
     import ray
 
-    free: list[float] = []
-    for _ in range(50):
+    deadline = time.monotonic() + timeout_s
+    while True:
         avail = ray.available_resources()
-        free = [avail.get(f"CPU_group_{i}_{pg_id}", 0.0) for i in range(n)]
-        time.sleep(0.1)
-        if free == [avail.get(f"CPU_group_{i}_{pg_id}", 0.0) for i in range(n)]:
-            break
-    return free
+        free = [avail.get(f"CPU_group_{i}_{pg_id}", 0.0) for i in range(len(expected))]
+        if free == expected or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
 
 
 def test_colocated_roles_share_bundles_until_the_last_shuts_down(ray_local) -> None:
@@ -86,27 +86,52 @@ def test_colocated_roles_share_bundles_until_the_last_shuts_down(ray_local) -> N
 
     res = RoleResources(num_actors=2, num_cpus=1)
     col = Colocation.of(["trainer", "reference"], [res, res])
-    trainer = ActorGroup("trainer", EchoWorker, res, colocation=col, startup_timeout_s=120)
-    pg = trainer.placement_group_id
-    assert pg is not None and _free_in_bundles(pg, 2) == [1.0, 1.0]  # one trainer per bundle
-    reference = ActorGroup("reference", EchoWorker, res, colocation=col, startup_timeout_s=120)
+    groups: list[ActorGroup[EchoWorker]] = []
     try:
+        trainer = ActorGroup("trainer", EchoWorker, res, colocation=col, startup_timeout_s=120)
+        groups.append(trainer)
+        pg = trainer.placement_group_id
+        assert pg is not None
+        assert _wait_free(pg, [1.0, 1.0]) == [1.0, 1.0]  # one trainer per bundle
+        reference = ActorGroup("reference", EchoWorker, res, colocation=col,
+                               startup_timeout_s=120)
+        groups.append(reference)
         assert reference.placement_group_id == pg
         assert {p for p, _ in trainer.call_all(EchoWorker.placement)
                 + reference.call_all(EchoWorker.placement)} == {pg}
-        assert _free_in_bundles(pg, 2) == [0.0, 0.0]  # bundle i: trainer i and reference i
+        assert _wait_free(pg, [0.0, 0.0]) == [0.0, 0.0]  # bundle i: trainer i and reference i
         old_pid = reference.call(1, EchoWorker.rank_and_pid)[1]
         reference.restart(1)  # the replacement goes back onto the shared bundle 1
         assert reference.call(1, EchoWorker.rank_and_pid)[1] != old_pid
         assert reference.call(1, EchoWorker.placement)[0] == pg
-        assert _free_in_bundles(pg, 2) == [0.0, 0.0]
-        trainer.shutdown()
-        assert ray.util.placement_group_table()[pg]["state"] == "CREATED"  # still in use
+        trainer.shutdown()  # frees its CPU in each bundle; the group stays for the reference
+        assert _wait_free(pg, [1.0, 1.0]) == [1.0, 1.0]
+        assert ray.util.placement_group_table()[pg]["state"] == "CREATED"
         assert reference.call_all(EchoWorker.double, [1]) == [[2], [2]]
     finally:
-        trainer.shutdown()
-        reference.shutdown()
+        for g in groups:
+            g.shutdown()
     assert ray.util.placement_group_table()[pg]["state"] == "REMOVED"
+    assert SHARED_PLACEMENTS.count() == 0
+
+
+def test_colocated_roles_starting_together_share_one_group(ray_local) -> None:
+    """The PPO driver starts its groups from a thread pool: two colocated roles acquiring the
+    shared group at the same moment get the same one, placed once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    res = RoleResources(num_actors=1, num_cpus=1)
+    col = Colocation.of(["reward", "reference"], [res, res])
+    with ThreadPoolExecutor(2) as pool:
+        futs = [pool.submit(ActorGroup, role, EchoWorker, res, colocation=col,
+                            startup_timeout_s=120) for role in ("reward", "reference")]
+        groups = [f.result() for f in futs]
+    try:
+        assert len({g.placement_group_id for g in groups}) == 1
+        assert SHARED_PLACEMENTS.count() == 1
+    finally:
+        for g in groups:
+            g.shutdown()
     assert SHARED_PLACEMENTS.count() == 0
 
 
@@ -126,7 +151,7 @@ def test_frozen_actor_is_restarted_when_its_call_times_out(ray_local) -> None:
     import signal
 
     g = ActorGroup("feedback", EchoWorker, RoleResources(num_actors=2, num_cpus=0.5),
-                   call_timeout_s=3, startup_timeout_s=120)
+                   call_timeout_s=10, startup_timeout_s=120)
     pids: list[int] = []
     out: list[tuple[int, int]] = []
     try:
@@ -139,7 +164,7 @@ def test_frozen_actor_is_restarted_when_its_call_times_out(ray_local) -> None:
         os.kill(out[0][1], signal.SIGSTOP)  # two more would pass max_restarts=2: refused
         with pytest.raises(RuntimeError, match=r"feedback: 1 restarts already \(run.max_restarts"
                                                r"=2\); last: feedback\[rank 0, 1\].rank_and_pid "
-                                               r"did not finish within 3 s"):
+                                               r"did not finish within 10 s"):
             g.with_restarts(lambda: g.call_all(EchoWorker.rank_and_pid), max_restarts=2)
     finally:
         for pid in pids + [p for _, p in out]:

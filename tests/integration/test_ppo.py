@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cai_ray.actors.group import SHARED_PLACEMENTS
 from cai_ray.config import load_config
 from cai_ray.data import PromptStream
 from cai_ray.models import load_tokenizer
@@ -100,9 +101,11 @@ def test_grpo_single_update_with_kl_in_the_loss_learns(marker_pm: Path, tmp_path
                              "ppo.advantage=grpo", "ppo.samples_per_prompt=2",
                              "ppo.rollout_batch_size=8", "ppo.mini_batch_size=16",
                              "ppo.kl_penalty=loss", "ppo.kl_coef=0.01", "ppo.max_staleness=1",
-                             "ppo.checkpoint_every=24"])
+                             "ppo.checkpoint_every=24",
+                             "placement.colocate=[[trainer, reference]]"])
     assert cfg.ppo.single_update
     run_ppo(cfg, tmp_path)
+    assert SHARED_PLACEMENTS.count() == 0  # the trainer+reference group is gone with the run
     rows = [r for r in _metrics(tmp_path) if "reward/score_mean" in r]
     assert [r["step"] for r in rows] == list(range(1, 25))
     score = [r["reward/score_mean"] for r in rows]
