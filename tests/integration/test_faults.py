@@ -10,11 +10,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-from cai_ray.config import load_config
+from cai_ray.config import Config, load_config
 from cai_ray.data import PromptStream
 from cai_ray.stages.ppo import PPORun, ppo_prompts
 
@@ -29,6 +31,47 @@ def _pids(actor_class: str) -> list[int]:
 
 def _rollout_pids() -> list[int]:
     return _pids("RolloutWorker")
+
+
+@contextmanager
+def _frozen_after(metrics: Path, actor_class: str, step: int) -> Iterator[list[int]]:
+    """SIGSTOP the first `actor_class` actor (alive, never answering: a wedged engine) once
+    the run has logged `step`; the frozen pids are yielded and SIGKILLed on the way out."""
+    frozen: list[int] = []
+    stop = threading.Event()
+
+    def freezer() -> None:
+        while not stop.is_set() and not frozen:
+            done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
+                if metrics.exists() else []
+            pids = _pids(actor_class)
+            if done and max(done) >= step and pids:
+                os.kill(pids[0], signal.SIGSTOP)
+                frozen.append(pids[0])
+            time.sleep(0.05)
+
+    t = threading.Thread(target=freezer, daemon=True)
+    t.start()
+    try:
+        yield frozen
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        for pid in frozen:  # never leave a stopped process behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _assert_each_prompt_once(run: Path, cfg: Config, steps: int) -> None:
+    """Every step trained on the next prompts of the seeded stream: none lost, none twice."""
+    consumed = [json.loads(x) for x in
+                (run / "ppo" / "consumed.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in consumed] == list(range(1, steps + 1))
+    expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(
+        steps * cfg.ppo.rollout_batch_size)
+    assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
 
 
 def _save_tiny_pm(root: Path) -> None:
@@ -78,12 +121,7 @@ def test_rollout_actor_killed_three_times(ray_local, tiny_model_dir, tmp_path: P
     summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert summary["steps"] == steps
     assert [f["role"] for f in summary["faults"]] == ["rollout"] * 3
-    consumed = [json.loads(x) for x in
-                (tmp_path / "ppo" / "consumed.jsonl").read_text().splitlines()]
-    assert [c["step"] for c in consumed] == list(range(1, steps + 1))
-    expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(
-        steps * cfg.ppo.rollout_batch_size)
-    assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
+    _assert_each_prompt_once(tmp_path, cfg, steps)
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     rows = [r for r in rows if "reward/score_mean" in r]
     assert rows[-1]["faults/restarts"] == 3.0
@@ -101,44 +139,16 @@ def test_frozen_reward_actor_is_restarted_after_its_call_timeout(ray_local, tiny
                              f"run.call_timeout_s={timeout_s}"])
     run = PPORun(cfg, tmp_path, resume=False)
     metrics = tmp_path / "ppo" / "metrics.jsonl"
-    frozen: list[int] = []
-    stop = threading.Event()
-
-    def freezer() -> None:
-        while not stop.is_set() and not frozen:
-            done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
-                if metrics.exists() else []
-            pids = _pids("RewardWorker")
-            if done and max(done) >= 2 and pids:
-                os.kill(pids[0], signal.SIGSTOP)
-                frozen.append(pids[0])
-            time.sleep(0.05)
-
-    t = threading.Thread(target=freezer, daemon=True)
-    t.start()
-    try:
+    with _frozen_after(metrics, "RewardWorker", 2) as frozen:
         run.run()
         gone = [not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
                 for p in frozen]
-    finally:
-        stop.set()
-        t.join(timeout=10)
-        for pid in frozen:  # never leave a stopped process behind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     assert len(frozen) == 1 and gone == [True]  # the restart removed the frozen process
     summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert summary["steps"] == steps
     assert [(f["role"], f["cause"]) for f in summary["faults"]] == [("reward", "hung")]
     assert summary["faults"][0]["step"] >= 2  # frozen once step 2 was logged, then replaced
-    consumed = [json.loads(x) for x in
-                (tmp_path / "ppo" / "consumed.jsonl").read_text().splitlines()]
-    assert [c["step"] for c in consumed] == list(range(1, steps + 1))
-    expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(
-        steps * cfg.ppo.rollout_batch_size)
-    assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
+    _assert_each_prompt_once(tmp_path, cfg, steps)
 
 
 def test_frozen_trainer_fails_the_run_naming_role_and_call(ray_local, tiny_model_dir,
@@ -153,33 +163,10 @@ def test_frozen_trainer_fails_the_run_naming_role_and_call(ray_local, tiny_model
     cfg = load_config(TINY, ["ppo.steps=50", "ppo.max_staleness=1", "run.call_timeout_s=30"])
     run = PPORun(cfg, tmp_path, resume=False)
     metrics = tmp_path / "ppo" / "metrics.jsonl"
-    frozen: list[int] = []
-    stop = threading.Event()
-
-    def freezer() -> None:
-        while not stop.is_set() and not frozen:
-            done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
-                if metrics.exists() else []
-            pids = _pids("PPOTrainerWorker")
-            if done and pids:
-                os.kill(pids[0], signal.SIGSTOP)
-                frozen.append(pids[0])
-            time.sleep(0.05)
-
-    t = threading.Thread(target=freezer, daemon=True)
-    t.start()
-    try:
-        with pytest.raises(ActorTimeoutError,
-                           match=r"trainer\[rank 0\]\.\w+ did not finish within 30 s"):
-            run.run()
-    finally:
-        stop.set()
-        t.join(timeout=10)
-        for pid in frozen:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    with _frozen_after(metrics, "PPOTrainerWorker", 1) as frozen, \
+            pytest.raises(ActorTimeoutError,
+                          match=r"trainer\[rank 0\]\.\w+ did not finish within 30 s"):
+        run.run()
     assert len(frozen) == 1
     assert not (tmp_path / "ppo" / "model").exists()  # no final policy from a failed run
 
@@ -218,12 +205,7 @@ def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_pa
     p = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    consumed = [json.loads(x) for x in
-                (tmp_path / "ppo" / "consumed.jsonl").read_text().splitlines()]
-    assert [c["step"] for c in consumed] == list(range(1, 11))
-    cfg = load_config(TINY, [])
-    expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(10 * 4)
-    assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
+    _assert_each_prompt_once(tmp_path, load_config(TINY, []), 10)
     assert sorted(x.name for x in ckpts.iterdir()) == ["step-00000008", "step-00000010"]
 
 
