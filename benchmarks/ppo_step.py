@@ -64,7 +64,7 @@ def run_ours(cfg: Config, out: Path) -> list[dict[str, Any]]:
         shutil.rmtree(out)
     run_ppo(cfg, out)
     rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "table" not in r]
+    return [r for r in rows if "time/step" in r]  # the step records (not tables, not evals)
 
 
 def median_after_first(values: list[float]) -> float:
@@ -73,8 +73,8 @@ def median_after_first(values: list[float]) -> float:
 
 def base_overrides(args: argparse.Namespace, pm: Path) -> list[str]:
     return [f"model.path={args.model}", f"ppo.steps={args.steps}", f"ppo.reward_model={pm}",
-            f"ppo.checkpoint_every={args.steps}", "tracking.wandb=disabled",
-            "run.log_level=WARNING"]
+            f"ppo.checkpoint_every={args.steps}", "ppo.eval_every=0",
+            "tracking.wandb=disabled", "run.log_level=WARNING"]
 
 
 PIN = ["placement.rollout.cpu_affinity=[0]", "placement.rollout.threads=1"] + [
