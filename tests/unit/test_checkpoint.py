@@ -110,11 +110,18 @@ def test_kl_in_the_loss_leaves_the_reward_alone_and_needs_no_old_logprobs() -> N
     assert not two_epochs.ppo.single_update
 
 
+RAN: list[str] = []
+
+
+def _run_on_load(text: str) -> None:
+    RAN.append(text)
+
+
 class _Payload:
     """A pickle that would run code when loaded."""
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (print, ("this ran while loading",))
+        return (_run_on_load, ("this ran while loading",))
 
 
 def test_checkpoints_are_read_weights_only(tmp_path: Path) -> None:
@@ -134,5 +141,8 @@ def test_checkpoints_are_read_weights_only(tmp_path: Path) -> None:
     assert out["step"] == 3 and torch.equal(out["w"], torch.ones(2))
     bad = tmp_path / "bad.pt"
     torch.save({"w": torch.ones(2), "x": _Payload()}, bad)
-    with pytest.raises(Exception, match="Unsupported global: GLOBAL print"):
+    with pytest.raises(Exception, match="Unsupported global: GLOBAL [\\w.]*_run_on_load"):
         engine.checkpoint_engine.load(str(bad), map_location="cpu")
+    assert RAN == []
+    torch.load(bad, weights_only=False)  # what the unguarded reader would have done
+    assert RAN == ["this ran while loading"]
