@@ -87,11 +87,17 @@ def _save_tiny_pm(root: Path) -> None:
                       root / "rm" / "model")
 
 
-def test_rollout_actor_killed_three_times(ray_local, tiny_model_dir, tmp_path: Path) -> None:
+def test_rollout_killed_three_times_and_a_frozen_reward_actor(ray_local, tiny_model_dir,
+                                                             tmp_path: Path) -> None:
+    """Four faults in one run. The rollout actor's process is SIGKILLed after steps 2, 4 and 6:
+    each time it is restarted with the current weights and its batch is generated again. After
+    step 7 the reward actor is frozen (SIGSTOP: alive, never answering, a wedged engine): its
+    call times out after run.call_timeout_s, it is replaced and the step is scored again. The
+    run finishes all its steps with every prompt trained on exactly once."""
     _save_tiny_pm(tmp_path)
-    steps = 9
+    steps = 10
     cfg = load_config(TINY, [f"ppo.steps={steps}", "ppo.max_staleness=1",
-                             "ppo.checkpoint_every=3"])
+                             "ppo.checkpoint_every=3", "run.call_timeout_s=40"])
     run = PPORun(cfg, tmp_path, resume=False)
     metrics = tmp_path / "ppo" / "metrics.jsonl"
     killed: list[tuple[int, int]] = []
@@ -113,42 +119,26 @@ def test_rollout_actor_killed_three_times(ray_local, tiny_model_dir, tmp_path: P
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
-        run.run()
+        with _frozen_after(metrics, "RewardWorker", 7) as frozen:
+            run.run()
+            gone = [not psutil.pid_exists(p) or
+                    psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in frozen]
     finally:
         stop.set()
         t.join(timeout=10)
     assert len(killed) == 3, killed
-    summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
-    assert summary["steps"] == steps
-    assert [f["role"] for f in summary["faults"]] == ["rollout"] * 3
-    _assert_each_prompt_once(tmp_path, cfg, steps)
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    rows = [r for r in rows if "reward/score_mean" in r]
-    assert rows[-1]["faults/restarts"] == 3.0
-    assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)  # restarted engines in sync
-    assert all(r["staleness/max"] <= 1 for r in rows)
-
-
-def test_frozen_reward_actor_is_restarted_after_its_call_timeout(ray_local, tiny_model_dir,
-                                                                 tmp_path: Path) -> None:
-    """A wedged actor (SIGSTOP: alive, never answering) is not waited on forever: its call
-    times out after run.call_timeout_s, the actor is replaced, and the step is scored again."""
-    _save_tiny_pm(tmp_path)
-    steps, timeout_s = 5, 40
-    cfg = load_config(TINY, [f"ppo.steps={steps}", "ppo.max_staleness=1",
-                             f"run.call_timeout_s={timeout_s}"])
-    run = PPORun(cfg, tmp_path, resume=False)
-    metrics = tmp_path / "ppo" / "metrics.jsonl"
-    with _frozen_after(metrics, "RewardWorker", 2) as frozen:
-        run.run()
-        gone = [not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
-                for p in frozen]
     assert len(frozen) == 1 and gone == [True]  # the restart removed the frozen process
     summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert summary["steps"] == steps
-    assert [(f["role"], f["cause"]) for f in summary["faults"]] == [("reward", "hung")]
-    assert summary["faults"][0]["step"] >= 2  # frozen once step 2 was logged, then replaced
+    assert [(f["role"], f["cause"]) for f in summary["faults"]] == \
+        [("rollout", "died")] * 3 + [("reward", "hung")]
+    assert summary["faults"][3]["step"] >= 7
     _assert_each_prompt_once(tmp_path, cfg, steps)
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    rows = [r for r in rows if "reward/score_mean" in r]
+    assert rows[-1]["faults/restarts"] == 4.0
+    assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)  # restarted engines in sync
+    assert all(r["staleness/max"] <= 1 for r in rows)
 
 
 def test_frozen_trainer_fails_the_run_naming_role_and_call(ray_local, tiny_model_dir,
