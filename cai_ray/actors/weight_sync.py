@@ -50,13 +50,19 @@ def publish(buckets: list[list[Named]]) -> list[Any]:
     return [ray.put(b) for b in buckets]
 
 
-def iterate(buckets: list[Any]) -> Iterator[Named]:
-    """The named tensors of `publish`ed buckets, fetching one bucket at a time."""
-    for b in buckets:
+def iterate(buckets: list[Any], timeout_s: float = 600.0) -> Iterator[Named]:
+    """The named tensors of `publish`ed buckets, fetching one bucket at a time (each fetch
+    waits at most `timeout_s`: a bucket lost with its node fails the load, never hangs it)."""
+    for i, b in enumerate(buckets):
         if not isinstance(b, list):
             import ray
+            from ray.exceptions import GetTimeoutError
 
-            b = ray.get(b)
+            try:
+                b = ray.get(b, timeout=timeout_s)
+            except GetTimeoutError as e:
+                raise TimeoutError(f"weight bucket {i + 1}/{len(buckets)} was not fetched from "
+                                   f"the object store within {timeout_s:.0f} s") from e
         yield from b
 
 

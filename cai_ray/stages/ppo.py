@@ -302,7 +302,7 @@ class PPORun:
                     buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
                                                     self.cfg.ppo.sync_bucket_mb)[0]
                 self.rollout.call(rank, RolloutWorker.update_weights, self.step,
-                                  buckets=buckets)
+                                  buckets=buckets, fetch_timeout_s=self.cfg.run.call_timeout_s)
             self.recovery_s.append(s)
             self.fault_log.append({"step": self.step, "role": group.role, "rank": rank,
                                    "method": err.method, "restart_s": s,
@@ -337,7 +337,8 @@ class PPORun:
             buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
                                             self.cfg.ppo.sync_bucket_mb)[0]
             self.retry(self.rollout, lambda: self.rollout.call_all(
-                RolloutWorker.update_weights, version, buckets=buckets))
+                RolloutWorker.update_weights, version, buckets=buckets,
+                fetch_timeout_s=self.cfg.run.call_timeout_s))
             sent = -1
         seconds = time.monotonic() - t0
         out = {"sync/seconds": seconds, **self.check_sync(),

@@ -173,3 +173,28 @@ def test_frozen_actor_is_restarted_when_its_call_times_out(ray_local) -> None:
             except ProcessLookupError:
                 pass
         g.shutdown(grace_s=5)
+
+
+def test_a_weight_bucket_that_never_arrives_fails_the_load(ray_local) -> None:
+    """A bucket reference whose object is never produced (its node gone) ends the fetch with
+    an error naming the bucket, instead of hanging the engine's weight load."""
+    import ray
+    import torch
+
+    from cai_ray.actors.weight_sync import iterate, publish
+
+    @ray.remote(num_cpus=0)
+    def never() -> list:
+        time.sleep(3600)
+        return []
+
+    ready = publish([[("w", torch.ones(2))]])
+    pending = never.remote()
+    try:
+        got = iterate([ready[0], pending], timeout_s=1.0)
+        name, tensor = next(got)
+        assert name == "w" and torch.equal(tensor, torch.ones(2))
+        with pytest.raises(TimeoutError, match=r"weight bucket 2/2 .* within 1 s"):
+            next(got)
+    finally:
+        ray.cancel(pending, force=True)
