@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.configschema import ValidationError
+from cai_ray.redaction import redact
 
 log = logging.getLogger("cai_ray")
 
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ValidationError as e:
-        print(str(e), file=sys.stderr)
+        print(redact(str(e)), file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one clear line unless --debug
         if args.debug:
             raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(redact(f"error: {type(e).__name__}: {e}"), file=sys.stderr)
         return 1
 
 

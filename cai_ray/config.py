@@ -426,7 +426,11 @@ class Config:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)  # type: ignore[no-any-return,unused-ignore]
+        """Plain values for printing, saving and W&B, with every secret value redacted (a
+        token pasted into a field never reaches the saved config or a dashboard)."""
+        from cai_ray.redaction import redact_tree
+
+        return redact_tree(to_dict(self))  # type: ignore[no-any-return,unused-ignore]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

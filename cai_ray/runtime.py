@@ -16,9 +16,13 @@ log = logging.getLogger("cai_ray")
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    """Log lines to stderr, every one redacted (no secret from the environment is printed)."""
+    from cai_ray.redaction import RedactingFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                                            datefmt="%H:%M:%S"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     for noisy in ("urllib3", "filelock", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import datasets

@@ -29,11 +29,12 @@ def _port() -> int:
 def test_pipeline_as_a_ray_job_with_token_auth(tiny_model_dir, tmp_path: Path) -> None:
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     token = secrets.token_hex(16)
+    hf_token = "hf_" + secrets.token_hex(16)  # forwarded to the job, never printed or saved
     # A short temp dir: Ray's socket paths live under it and Unix sockets allow ~107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="crj", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_TMPDIR": str(ray_tmp)}
+           "RAY_TMPDIR": str(ray_tmp), "HF_TOKEN": hf_token}
     env.pop("RAY_ADDRESS", None)
     # Every port this head opens is a free one: another Ray on the machine (the other tests'
     # cluster) holds the defaults, and a job agent that cannot bind never becomes available.
@@ -63,6 +64,7 @@ def test_pipeline_as_a_ray_job_with_token_auth(tiny_model_dir, tmp_path: Path) -
             [sys.executable, "cluster/runtime_env.py"], cwd=ROOT, env=env, check=True,
             capture_output=True, text=True).stdout)
         assert runtime_env["excludes"] and ".venv" in runtime_env["excludes"]
+        assert runtime_env["env_vars"]["HF_TOKEN"] == hf_token
         submit = [ray, "job", "submit", "--address", address, "--submission-id",
                   "cai-ray-test", "--runtime-env-json", json.dumps(runtime_env), "--",
                   "python", "-m", "cai_ray.cli", "pipeline", "--config",
@@ -89,7 +91,13 @@ def test_pipeline_as_a_ray_job_with_token_auth(tiny_model_dir, tmp_path: Path) -
         denied = subprocess.run([ray, "job", "list", "--address", address], env=bad,
                                 capture_output=True, text=True, timeout=60)
         assert denied.returncode != 0
-        assert token not in (job.stdout + job.stderr)  # the secret is never printed
+        # The secrets are never printed (the job's own log is in `submit`'s output), nor
+        # written anywhere in the run directory (config, metrics, logs, checkpoints).
+        for secret in (token, hf_token):
+            assert secret not in (job.stdout + job.stderr)
+            leaked = [p for p in out.rglob("*") if p.is_file() and secret.encode() in
+                      p.read_bytes()]
+            assert not leaked, leaked
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)
