@@ -60,9 +60,9 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_ppo_learns_what_the_pm_rewards_with_streaming(marker_pm: Path, tmp_path: Path) -> None:
     # lr 3e-3, β 0.05, 4 samples per prompt: with lr 1e-3, β 0.01 and 2 samples the score
-    # climbed too little on some machines (−9.8 → −6.5 on an EPYC, where another CPU had reached
-    # +1.7); with 3e-3 alone the KL passed 64 nats. These settings cleared the bar on seeds 0
-    # and 2 here by 3.2 and 2.2 points, KL ≤ 56.
+    # climbed too little in some environments (−9.8 → −6.5 where an earlier one reached +1.7:
+    # the tiny model and its tokenizer are built locally); with 3e-3 alone the KL passed 64
+    # nats. These settings cleared the bar on seeds 0 and 2 by 3.2 and 2.2 points, KL ≤ 56.
     cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=30", "trainer.lr=3e-3",
                              "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=4",
                              "ppo.mini_batch_size=16", "ppo.checkpoint_every=10",
