@@ -13,11 +13,14 @@ the pairs: memory must stay flat as the count grows.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,12 +51,14 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "cpu-tiny.yaml"))
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--depth", type=int, default=2, help="chunks in flight per actor")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. "
+                    "feedback.engine.max_num_seqs=32")
     args = ap.parse_args()
     setup_logging("WARNING")
     from cai_ray.actors.feedback import FeedbackWorker
     from cai_ray.stages.label import Labeller, feedback_group
 
-    cfg = load_config(args.config, ["tracking.wandb=disabled"])
+    cfg = load_config(args.config, ["tracking.wandb=disabled", *args.overrides])
     lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))
     with PeakRSS() as mem, ray_session(cfg):
         fb = feedback_group(cfg)
@@ -87,13 +92,28 @@ def main() -> None:
                             el = time.monotonic() - t0
                             print(f"{done:>6} pairs  {done / el:7.1f} pairs/s  RSS now "
                                   f"{current_rss_bytes() / 2**30:.2f} GiB (peak so far "
-                                  f"{mem.peak_gib:.2f})", flush=True)
+                                  f"{mem.peak_gib:.2f}; driver {_rss_gib(os.getpid()):.2f}, "
+                                  f"feedback actor {_actor_rss_gib('FeedbackWorker'):.2f})",
+                                  flush=True)
                 inflight = [x for x in inflight if id(x[2]) not in ids]
             el = time.monotonic() - t0
             print(f"total: {done} pairs ({2 * done} judgements) in {el:.1f} s = "
                   f"{done / el:.1f} pairs/s; peak RSS {mem.peak_gib:.2f} GiB")
         finally:
             fb.shutdown()
+
+
+def _rss_gib(pid: int) -> float:
+    return float(psutil.Process(pid).memory_info().rss) / 2**30
+
+
+def _actor_rss_gib(actor_class: str) -> float:
+    """RSS of the Ray worker processes hosting `actor_class` (its vLLM engine included)."""
+    total = 0
+    for p in psutil.process_iter(["cmdline", "memory_info"]):
+        if " ".join(p.info["cmdline"] or []).startswith(f"ray::{actor_class}"):
+            total += p.info["memory_info"].rss
+    return total / 2**30
 
 
 if __name__ == "__main__":
