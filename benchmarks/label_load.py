@@ -13,7 +13,6 @@ the pairs: memory must stay flat as the count grows.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -60,6 +59,7 @@ def main() -> None:
 
     cfg = load_config(args.config, ["tracking.wandb=disabled", *args.overrides])
     lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))
+    gib = 2**30
     with PeakRSS() as mem, ray_session(cfg):
         fb = feedback_group(cfg)
         try:
@@ -92,8 +92,9 @@ def main() -> None:
                             el = time.monotonic() - t0
                             print(f"{done:>6} pairs  {done / el:7.1f} pairs/s  RSS now "
                                   f"{current_rss_bytes() / 2**30:.2f} GiB (peak so far "
-                                  f"{mem.peak_gib:.2f}; driver {_rss_gib(os.getpid()):.2f}, "
-                                  f"feedback actor {_actor_rss_gib('FeedbackWorker'):.2f})",
+                                  f"{mem.peak_gib:.2f}; driver {psutil.Process().memory_info().rss / gib:.2f}, "
+                                  f"feedback actor "
+                                  f"{current_rss_bytes('ray::FeedbackWorker') / gib:.2f})",
                                   flush=True)
                 inflight = [x for x in inflight if id(x[2]) not in ids]
             el = time.monotonic() - t0
@@ -101,19 +102,6 @@ def main() -> None:
                   f"{done / el:.1f} pairs/s; peak RSS {mem.peak_gib:.2f} GiB")
         finally:
             fb.shutdown()
-
-
-def _rss_gib(pid: int) -> float:
-    return float(psutil.Process(pid).memory_info().rss) / 2**30
-
-
-def _actor_rss_gib(actor_class: str) -> float:
-    """RSS of the Ray worker processes hosting `actor_class` (its vLLM engine included)."""
-    total = 0
-    for p in psutil.process_iter(["cmdline", "memory_info"]):
-        if " ".join(p.info["cmdline"] or []).startswith(f"ray::{actor_class}"):
-            total += p.info["memory_info"].rss
-    return total / 2**30
 
 
 if __name__ == "__main__":

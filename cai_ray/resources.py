@@ -20,10 +20,14 @@ def _run_processes() -> list[psutil.Process]:
     return [me] + me.children(recursive=True)
 
 
-def current_rss_bytes() -> int:
+def current_rss_bytes(name_prefix: str | None = None) -> int:
+    """RSS of the run's processes; with `name_prefix`, only those whose command line starts
+    with it (e.g. "ray::FeedbackWorker" for the processes of one role's actors)."""
     total = 0
     for p in _run_processes():
         try:
+            if name_prefix is not None and not " ".join(p.cmdline()).startswith(name_prefix):
+                continue
             total += p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
