@@ -12,14 +12,23 @@
     cai-ray pipeline --config configs/cpu-smollm.yaml --output runs/demo
 
 Exit codes: 0 success, 2 invalid input (every problem listed, no traceback), 1 a failure while
-running (one clear line; `--debug` shows the traceback).
+running (one clear line; `--debug` shows the traceback), 130 interrupted.
+
+Ctrl-C: the first SIGINT stops the running stage within seconds, also in the middle of a long
+remote call: its actors are shut down, finished work stays on disk, and one line says how to
+resume (the same command; `--resume` for ppo and pipeline). Should the clean-up hang, the process
+exits anyway INTERRUPT_EXIT_S after the signal. A second SIGINT exits at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +40,8 @@ from cai_ray.redaction import redact
 log = logging.getLogger("cai_ray")
 
 EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+INTERRUPT_EXIT_S = 12.0  # after the first Ctrl-C, exit by then even if clean-up hangs
 
 
 def _add_run_args(p: argparse.ArgumentParser, output: bool = True) -> None:
@@ -190,11 +201,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from cai_ray.config import load_config
+    from cai_ray.hardware import resolve_dtypes
     from cai_ray.runtime import prepare_run_dir, setup_logging
     from cai_ray.stages.sample import run_sample
 
     cfg = load_config(args.config, args.overrides)
     setup_logging(cfg.run.log_level)
+    resolve_dtypes(cfg)
     out = prepare_run_dir(cfg, args.output)
     stats = run_sample(cfg, out, args.num_prompts)
     print(f"{int(stats['prompts'])} responses ({stats['tokens_per_s']:.1f} tokens/s) in "
@@ -210,6 +223,7 @@ def _run_stages(args: argparse.Namespace, build: Callable[[Any, Path], list[Stag
     """Load and check everything, then run the stages in one Ray session, timing each and
     reporting the peak RSS of the whole process tree (driver + Ray workers)."""
     from cai_ray.config import load_config
+    from cai_ray.hardware import resolve_dtypes
     from cai_ray.resources import PeakRSS
     from cai_ray.runtime import prepare_run_dir, ray_session, setup_logging
 
@@ -217,6 +231,7 @@ def _run_stages(args: argparse.Namespace, build: Callable[[Any, Path], list[Stag
     if precheck is not None:
         precheck()  # bad input files are reported before anything starts
     setup_logging(cfg.run.log_level)
+    resolve_dtypes(cfg)  # every `auto` dtype, once, before any actor starts; saved resolved
     out = prepare_run_dir(cfg, args.output)
     times = {}
     with PeakRSS() as mem, ray_session(cfg):
@@ -280,6 +295,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from cai_ray.config import ModelSpec, load_config
     from cai_ray.configschema import Problem
+    from cai_ray.hardware import resolve_dtypes
     from cai_ray.runtime import ray_session, setup_logging
     from cai_ray.serve import Service, judge_handler, pm_handler, token_from_env
 
@@ -298,6 +314,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValidationError("cai-ray serve", [Problem(
             "--pm", f"no trained preference model at {pm}", "command line")])
     setup_logging(cfg.run.log_level)
+    resolve_dtypes(cfg)
     with ray_session(cfg):
         handlers, groups = {}, []
         try:
@@ -375,11 +392,20 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from cai_ray.stages.sl import run_generate
     from cai_ray.stages.sl_train import run_train
 
-    return _run_stages(args, lambda cfg, out: [
-        ("sl/generate", lambda: run_generate(cfg, out)), ("sl/train", lambda: run_train(cfg, out)),
-        ("label", lambda: run_label(cfg, out)), ("rm", lambda: run_rm(cfg, out)),
-        ("ppo", lambda: run_ppo(cfg, out, args.resume)), ("eval", lambda: run_eval(cfg, out)),
-        ("report", lambda: write_report(out))])
+    def build(cfg: Any, out: Path) -> list[Stage]:
+        from cai_ray.config import rl_sampling_problems
+        from cai_ray.configschema import ValidationError
+
+        problems = rl_sampling_problems(cfg)  # the RL stage's refusal, before SL runs an hour
+        if problems:
+            raise ValidationError("RL-CAI sampling", problems)
+        return [("sl/generate", lambda: run_generate(cfg, out)),
+                ("sl/train", lambda: run_train(cfg, out)),
+                ("label", lambda: run_label(cfg, out)), ("rm", lambda: run_rm(cfg, out)),
+                ("ppo", lambda: run_ppo(cfg, out, args.resume)),
+                ("eval", lambda: run_eval(cfg, out)), ("report", lambda: write_report(out))]
+
+    return _run_stages(args, build)
 
 
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
@@ -388,25 +414,119 @@ COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_c
             "report": _cmd_report, "serve": _cmd_serve, "plan": _cmd_plan, "pipeline": _cmd_pipeline}
 
 
+# How each command picks up after an interrupt: PPO continues only with --resume (without it a
+# rerun refuses to overwrite the checkpoints); the other stages skip their finished outputs and
+# shards on any rerun.
+_RESUME_WITH_FLAG = ("ppo", "pipeline")
+_RESUME_NOTE = {
+    "pipeline": "finished stages and shards are skipped, PPO continues from its newest "
+                "checkpoint",
+    "ppo": "PPO continues from its newest checkpoint",
+    "sl": "finished shards and steps are skipped",
+    "label": "finished shards are skipped",
+    "rm": "preference-model training starts over",
+    "eval": "the evaluation starts over",
+    "sample": "sampling starts over",
+}
+
+
+def resume_command(command: str, argv: list[str]) -> str | None:
+    """The command line that picks up an interrupted `command` (None: nothing to resume)."""
+    if command not in _RESUME_NOTE:
+        return None
+    words = list(argv)
+    if command in _RESUME_WITH_FLAG and "--resume" not in words:
+        words.append("--resume")
+    return shlex.join(["cai-ray", *words])
+
+
+def interrupted_message(command: str, argv: list[str]) -> str:
+    """The one line printed after Ctrl-C."""
+    again = resume_command(command, argv)
+    if again is None:
+        return "interrupted"
+    return (f"interrupted: actors stopped, finished work kept; to resume run: {again} "
+            f"({_RESUME_NOTE[command]})")
+
+
+class InterruptHandler:
+    """SIGINT in the driver. The first raises KeyboardInterrupt, as Python's default handler
+    does (the stages' `finally` blocks shut their actor groups down, `ray_session` stops Ray),
+    notes the interrupt so those shutdowns do not wait for busy actors, and starts a watchdog
+    that exits with 130 `exit_after_s` later should clean-up hang. The second exits at once."""
+
+    def __init__(self, message: str, exit_after_s: float = INTERRUPT_EXIT_S):
+        self.message, self.exit_after_s = redact(message), exit_after_s
+        self.count = 0
+        self._said = False
+        self._lock = threading.Lock()
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False  # signal handlers can only be set there; Python's default stays
+        signal.signal(signal.SIGINT, self._on_sigint)
+        return True
+
+    def say(self, suffix: str = "") -> None:
+        """Print the message once (os.write: safe inside a signal handler)."""
+        with self._lock:
+            if self._said:
+                return
+            self._said = True
+        try:
+            os.write(2, (self.message + suffix + "\n").encode())
+        except OSError:
+            pass
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.count > 1:
+            self.say(" [second Ctrl-C: exited at once]")
+            os._exit(EXIT_INTERRUPTED)
+        from cai_ray.actors.group import note_interrupt
+
+        note_interrupt()
+        threading.Thread(target=self._watchdog, name="cai-ray-interrupt", daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _watchdog(self) -> None:
+        time.sleep(self.exit_after_s)
+        self.say(f" [clean-up took over {self.exit_after_s:g} s: exited without it]")
+        os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
     if not logging.getLogger().handlers:
         from cai_ray.runtime import setup_logging
 
         setup_logging("INFO")
+    interrupts = InterruptHandler(interrupted_message(args.command, words))
+    previous = signal.getsignal(signal.SIGINT)
+    installed = interrupts.install()
     try:
         return COMMANDS[args.command](args)
     except ValidationError as e:
         print(redact(str(e)), file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        sys.stderr.flush()
+        interrupts.say()
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - one clear line unless --debug
+        if interrupts.count:  # a clean-up step failed after Ctrl-C: still an interrupt
+            log.debug("after the interrupt: %s: %s", type(e).__name__, e)
+            sys.stderr.flush()
+            interrupts.say()
+            return EXIT_INTERRUPTED
         if args.debug:
             raise
         print(redact(f"error: {type(e).__name__}: {e}"), file=sys.stderr)
         return 1
+    finally:
+        if installed and not interrupts.count:  # an interrupted run keeps it to the end
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from cai_ray.configschema import (
     to_dict,
 )
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 ROLES = ("rollout", "feedback", "reward", "trainer", "reference")
 
 
@@ -41,7 +41,8 @@ class ModelSpec:
     revision: str | None = option(None, "hub revision (branch, tag or commit)")
     tokenizer: str | None = option(None, "tokenizer location when it differs from `path`")
     trust_remote_code: bool = option(False, "run code shipped with the model (off: safe default)")
-    dtype: Dtype = option("bfloat16", "dtype for training and scoring in torch")
+    dtype: Dtype = option("auto", "dtype for training and scoring in torch; auto: bfloat16 on "
+                          "CUDA and on CPUs with native bf16 (AVX512_BF16, AMX), else float32")
 
 
 @dataclass
@@ -49,7 +50,8 @@ class EngineConfig:
     """vLLM engine settings shared by the rollout and feedback roles."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "bfloat16", "vLLM weight/activation dtype (float32 for exact trainer agreement)")
+        "auto", "vLLM weight/activation dtype; auto: chosen from the hardware like "
+        "model.dtype (float32 for exact trainer agreement)")
     max_model_len: int = option(2048, "longest prompt+completion in tokens", positive)
     kv_cache_gib: int = option(2, "CPU only: KV-cache size in whole GiB "
                                "(VLLM_CPU_KVCACHE_SPACE)", positive)
@@ -141,7 +143,8 @@ class TrainerConfig:
     micro_batch_size: int = option(4, "sequences per micro-batch per rank", positive)
     grad_accum: int = option(1, "micro-batches per optimizer step", positive)
     max_grad_norm: float = option(1.0, "gradient clipping norm", positive)
-    dtype: Literal["float32", "bfloat16"] = option("bfloat16", "training dtype")
+    dtype: Literal["float32", "bfloat16", "auto"] = option(
+        "auto", "training dtype; auto: chosen from the hardware like model.dtype")
     optimizer: Literal["adamw", "cpu_adam", "fused_adam"] = option(
         "adamw", "torch AdamW needs no build; the DeepSpeed ones JIT-compile on first use")
     comm_backend: Literal["auto", "gloo", "nccl"] = option("auto", "auto: nccl on GPU, gloo on CPU")
@@ -160,6 +163,14 @@ class SLConfig:
     helpful_samples: int = option(2, "samples per helpfulness prompt (paper: 2)", non_negative)
     temperature: float | None = option(None, "null = rollout.sampling.temperature",
                                        non_negative)
+    top_p: float | None = option(None, "nucleus mass for SL generation; null = "
+                                 "rollout.sampling.top_p", in_range(0.0, 1.0, lo_open=True))
+    repetition_penalty: float | None = option(None, "repetition penalty for SL generation; "
+                                              "null = rollout.sampling.repetition_penalty",
+                                              positive)
+    drop_truncated: bool = option(True, "leave out of finetuning the revisions (and helpful "
+                                  "samples) cut off at max_new_tokens: trained with an EOS they "
+                                  "would teach the model to stop mid-sentence")
     max_new_tokens: int = option(256, "tokens per response, critique or revision", positive)
     shard_size: int = option(64, "prompts per resumable output shard", positive)
     epochs: int = option(1, "SFT passes over the revisions (paper: 1)", positive)
@@ -210,8 +221,16 @@ class PPOConfig:
     sync_bucket_mb: float = option(64.0, "object-store weight-sync bucket size (MiB)", positive)
     sync_tolerance: float | None = option(
         None, "largest allowed |vLLM − trainer| log-prob on the probe after a sync; null = "
-        "1e-3 when both run float32, else 4× the noise floor measured before the first update",
+        "1e-3 when both run float32, else 4× the noise floor measured before the first update "
+        "(the engine's weight audit checks every module exactly in any dtype besides)",
         positive)
+    staleness_correction: Literal["truncated_is", "none"] = option(
+        "truncated_is", "a batch sampled by older weights (max_staleness > 0) is reweighted "
+        "per token by min(p_trainer / p_sampler, is_cap), from the engine's own log-probs")
+    is_cap: float = option(2.0, "truncation of the staleness importance weights", positive)
+    truncated_penalty: float = option(
+        1.0, "subtracted from the PM score of a response cut off at max_new_tokens (scored "
+        "as it is, without an EOS it never produced); 0 = no penalty", non_negative)
 
     @property
     def single_update(self) -> bool:
@@ -434,6 +453,30 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def rl_sampling_problems(cfg: Config) -> list[Problem]:
+    """Sampling settings the RL stage cannot train on. PPO's ratio, its gradient and the KL
+    need the log-probs of the distribution that sampled each token: the trainer reproduces
+    the temperature exactly (softmax(logits / T)), but not vLLM's nucleus and top-k cuts or
+    its repetition penalty, so those are refused for RL rather than trained on a policy
+    that never produced the tokens (SL generation has `sl.top_p` and
+    `sl.repetition_penalty` of its own)."""
+    s = cfg.rollout.sampling
+    bad = []
+    if s.top_p < 1.0:
+        bad.append(("rollout.sampling.top_p", f"is {s.top_p}; RL needs 1.0"))
+    if s.top_k:
+        bad.append(("rollout.sampling.top_k", f"is {s.top_k}; RL needs 0 (off)"))
+    if s.repetition_penalty != 1.0:
+        bad.append(("rollout.sampling.repetition_penalty",
+                    f"is {s.repetition_penalty}; RL needs 1.0"))
+    if s.temperature <= 0:
+        bad.append(("rollout.sampling.temperature", "must be > 0 for RL (greedy decoding "
+                    "has no log-probs to train on)"))
+    why = ("the PPO trainer computes log-probs of softmax(logits / temperature) and cannot "
+           "reproduce this setting of the sampler")
+    return [Problem(key, f"{msg}: {why}", "config") for key, msg in bad]
 
 
 # --- loading ------------------------------------------------------------------------------------

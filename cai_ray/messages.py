@@ -70,6 +70,7 @@ class SFTSample:
     messages: list[ChatMessage]  # the conversation, ending on a user turn
     response: str  # the assistant reply to learn (loss is taken on these tokens only)
     source: str = ""  # e.g. "revision@2" or "helpful"
+    finished: bool = True  # the reply stopped by itself: EOS follows it; False = cut off
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,5 @@ class Comparison:
     response_b: str
     p_a: float  # soft label in [0, 1]
     aspect: str = "harmless"  # "harmless" | "helpful"
+    finished_a: bool = True  # response A stopped by itself (False: cut at max_new_tokens)
+    finished_b: bool = True

@@ -206,12 +206,13 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 
 
 def load_causal_lm(spec: ModelSpec, dtype: str | None = None, device: str = "cpu") -> Any:
-    """The one loader for policy, feedback and reward backbones (HF causal LM)."""
-    import torch
+    """The one loader for policy, feedback and reward backbones (HF causal LM); a dtype of
+    "auto" is the hardware's choice (`cai_ray.hardware`)."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype or spec.dtype)
+    from cai_ray.hardware import torch_dtype
+
     model = AutoModelForCausalLM.from_pretrained(resolve(spec), revision=spec.revision,
-                                                 dtype=torch_dtype,
+                                                 dtype=torch_dtype(dtype or spec.dtype, device),
                                                  trust_remote_code=spec.trust_remote_code)
     return cast(Any, model).to(device)

@@ -15,6 +15,10 @@ CONFIGS = ROOT / "configs"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# configs/cpu-tiny.yaml says `dtype: auto`: tests run float32 on every CPU kind (exact trainer/vLLM
+# agreement, no 75x-slow emulated bf16 on AVX2 machines) unless they test bf16 itself. Inherited
+# by the CLI subprocesses and the local Ray the tests start.
+os.environ.setdefault("CAI_RAY_AUTO_DTYPE", "float32")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

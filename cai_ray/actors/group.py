@@ -9,6 +9,14 @@ rename is caught by the type checker. Every wait has a timeout; an actor error o
 re-raised naming the role, the rank and the method. `local=True` runs the same workers in this
 process (one thread per actor, so calls to one actor stay serial like a Ray actor's), which is how
 driver logic is tested without a cluster.
+
+Ctrl-C. Every wait blocks for at most `WAIT_SLICE_S` at a time (the total timeout is unchanged),
+so a KeyboardInterrupt lands within that whatever the blocking call does with signals (Ray 2.60's
+`ray.wait` hands SIGINT on by itself; a call that does not would hold it for the whole remote
+call, minutes for an SFT step). What did hold Ctrl-C for minutes was the clean-up: `shutdown`
+waited up to 60 s per group for a `close` queued behind the busy actor's call. After an interrupt
+(`note_interrupt`, or a KeyboardInterrupt on its way up) it no longer waits for actors in the
+middle of a call and gives the idle ones `INTERRUPT_GRACE_S` to close.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 import time
 import traceback
@@ -34,6 +43,61 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 W = TypeVar("W", bound="Worker")
+
+WAIT_SLICE_S = 0.5  # longest single block of any wait: a KeyboardInterrupt lands within it
+INTERRUPT_GRACE_S = 2.0  # how long shutdown waits for `close` after an interrupt
+_interrupted = threading.Event()
+
+
+def note_interrupt() -> None:
+    """Record that the run was interrupted (the CLI's SIGINT handler): from now on `shutdown`
+    stops actors in the middle of a call without asking them to close (a Ray actor runs one call
+    at a time: `close` would queue behind the long call) and waits for the idle ones' `close`
+    at most INTERRUPT_GRACE_S."""
+    _interrupted.set()
+
+
+def interrupted() -> bool:
+    """Whether the run was interrupted: noted, or a KeyboardInterrupt is being handled or
+    propagating through a `finally` that called this."""
+    return _interrupted.is_set() or isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
+def _slice(deadline: float | None) -> float:
+    if deadline is None:
+        return WAIT_SLICE_S
+    return max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic()))
+
+
+def ray_wait(refs: list[Any], num_returns: int = 1, timeout: float | None = None
+             ) -> tuple[list[Any], list[Any]]:
+    """`ray.wait(refs, num_returns, timeout)` with the same result, waiting in slices of at
+    most WAIT_SLICE_S so that signals (Ctrl-C) are handled while it waits."""
+    import ray
+
+    if not refs:
+        return [], []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ready: list[Any] = []
+    left = list(refs)
+    while True:
+        got, left = ray.wait(left, num_returns=min(num_returns - len(ready), len(left)),
+                             timeout=_slice(deadline))
+        ready += got
+        if len(ready) >= num_returns or not left or \
+                (deadline is not None and time.monotonic() >= deadline):
+            return ready, left
+
+
+def futures_wait(futures: list[cf.Future], timeout: float | None = None,
+                 return_when: str = cf.ALL_COMPLETED) -> tuple[set[cf.Future], set[cf.Future]]:
+    """`concurrent.futures.wait` with the same result, waiting in slices of WAIT_SLICE_S."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        done, not_done = cf.wait(futures, timeout=_slice(deadline), return_when=return_when)
+        if not not_done or (return_when == cf.FIRST_COMPLETED and done) or \
+                (deadline is not None and time.monotonic() >= deadline):
+            return done, not_done
 
 
 class ActorCallError(RuntimeError):
@@ -170,7 +234,7 @@ class _SharedPlacements:
             else:
                 entry.refs += 1
         if creator:
-            ready, _ = ray.wait([entry.pg.ready()], timeout=timeout_s)
+            ready, _ = ray_wait([entry.pg.ready()], timeout=timeout_s)
             if not ready:
                 entry.error = ActorTimeoutError(
                     "+".join(col.roles), list(range(col.num_bundles)),
@@ -325,7 +389,7 @@ class ActorGroup(Generic[W]):
         elif bundle:
             self._pg = placement_group([bundle] * res.num_actors, strategy=strategy,
                                        name=f"cai-ray-{self.role}-{os.getpid()}-{id(self)}")
-            ready, _ = ray.wait([self._pg.ready()], timeout=self.startup_timeout_s)
+            ready, _ = ray_wait([self._pg.ready()], timeout=self.startup_timeout_s)
             if not ready:
                 ray.util.remove_placement_group(self._pg)
                 raise ActorTimeoutError(self.role, list(range(res.num_actors)),
@@ -500,14 +564,14 @@ class ActorGroup(Generic[W]):
     def get(self, pendings: list[Pending[R]], timeout: float | None = None) -> list[R]:
         """Wait for all calls (at most `timeout`, default run.call_timeout_s); results in order."""
         limit = self.call_timeout_s if timeout is None else timeout
+        if not pendings:
+            return []
         if self.local:
-            _, not_done = cf.wait([p.handle for p in pendings], timeout=limit)
+            _, not_done = futures_wait([p.handle for p in pendings], timeout=limit)
             late = [p for p in pendings if p.handle in not_done]
         else:
-            import ray
-
             refs = [p.handle for p in pendings]
-            _, not_ready = ray.wait(refs, num_returns=len(refs), timeout=limit)
+            _, not_ready = ray_wait(refs, num_returns=len(refs), timeout=limit)
             late = [p for p in pendings if p.handle in set(not_ready)]
         if late:
             raise ActorTimeoutError(self.role, sorted({p.rank for p in late}), late[0].method,
@@ -524,12 +588,10 @@ class ActorGroup(Generic[W]):
             return [], []
         done: set[Any]
         if self.local:
-            done, _ = cf.wait([p.handle for p in pendings], timeout=limit,
-                              return_when=cf.FIRST_COMPLETED)
+            done, _ = futures_wait([p.handle for p in pendings], timeout=limit,
+                                   return_when=cf.FIRST_COMPLETED)
         else:
-            import ray
-
-            ready, _ = ray.wait([p.handle for p in pendings], num_returns=1, timeout=limit)
+            ready, _ = ray_wait([p.handle for p in pendings], num_returns=1, timeout=limit)
             done = set(ready)
         first = [p for p in pendings if p.handle in done]
         if not first:
@@ -549,13 +611,22 @@ class ActorGroup(Generic[W]):
 
     def shutdown(self, grace_s: float | None = None) -> None:
         """Close every worker (waiting at most `grace_s`, default the smaller of 60 s and the
-        call timeout), stop the actors and release the placement group (idempotent; the actors
-        are stopped and the group released whatever `close` does)."""
+        call timeout; after an interrupt only the idle ones, for at most INTERRUPT_GRACE_S), stop
+        the actors and release the placement group (idempotent; the actors are stopped and the
+        group released whatever `close` does)."""
+        grace = min(60.0, self.call_timeout_s) if grace_s is None else grace_s
+        ranks = list(range(self.num_actors))
+        stopping = interrupted()
+        if stopping:  # a busy actor would close only after its call: do not wait for it
+            grace = min(grace, INTERRUPT_GRACE_S)
+            busy = [r for r in ranks if self._inflight[r] > 0]
+            ranks = [r for r in ranks if r not in busy]
+            if busy:
+                log.info("%s group: interrupted; stopping rank(s) %s in the middle of a call",
+                         self.role, ", ".join(map(str, busy)))
         try:
-            if self._actors:
-                self.get([self.submit(r, Worker.close) for r in range(self.num_actors)],
-                         timeout=min(60.0, self.call_timeout_s) if grace_s is None
-                         else grace_s)
+            if ranks:
+                self.get([self.submit(r, Worker.close) for r in ranks], timeout=grace)
         except Exception as e:  # noqa: BLE001 - stopping anyway
             log.warning("%s group: close failed, killing anyway: %s", self.role, e)
         finally:

@@ -32,11 +32,22 @@ from cai_ray.actors.trainer import (
     pack_sequences,
     token_logprobs,
 )
-from cai_ray.actors.weight_sync import Named, TensorMeta, cut_buckets, nccl_group, nccl_send
+from cai_ray.actors.weight_sync import (
+    Named,
+    TensorMeta,
+    WeightExport,
+    checksum,
+    cut_buckets,
+    export_names,
+    named_tensors,
+    nccl_group,
+    nccl_send,
+)
 from cai_ray.actors.weight_sync import publish as publish_buckets
 from cai_ray.algorithms.masked import masked_mean
-from cai_ray.algorithms.ppo import kl_penalty, policy_loss, value_loss
+from cai_ray.algorithms.ppo import behaviour_weights, kl_penalty, policy_loss, value_loss
 from cai_ray.config import ModelSpec, PPOConfig, TrainerConfig
+from cai_ray.hardware import torch_dtype
 from cai_ray.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,9 +62,11 @@ class PPOTrainerWorker(TrainerWorker):
     from (the trained PM); None for the critic-free estimators (rloo, grpo)."""
 
     def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
-                 ppo: PPOConfig, critic: ModelSpec | None, device: str = "cpu", seed: int = 0):
+                 ppo: PPOConfig, critic: ModelSpec | None, device: str = "cpu", seed: int = 0,
+                 temperature: float = 1.0):
         super().__init__(ctx, model, trainer, device, seed)
         self.ppo, self.critic_spec = ppo, critic
+        self.temperature = temperature  # the sampler's: log-probs are of softmax(logits / T)
         per_rank = ppo.mini_batch_size // ctx.world_size
         self.grad_accum = max(1, per_rank // trainer.micro_batch_size)
         self.critic: Any = None
@@ -65,7 +78,7 @@ class PPOTrainerWorker(TrainerWorker):
         if self.critic_spec is not None:
             import deepspeed
 
-            dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+            dtype = torch_dtype(self.cfg.dtype)
             value = load_reward_model(self.critic_spec, dtype, TokenValueModel)
             opt = torch.optim.AdamW(value.parameters(), lr=self.ppo.critic_lr or self.cfg.lr,
                                     weight_decay=self.cfg.weight_decay)
@@ -96,14 +109,16 @@ class PPOTrainerWorker(TrainerWorker):
         with torch.no_grad():
             for i in range(0, len(seqs), mb):
                 ids, attn, mask = self._pack(seqs[i:i + mb])
-                lps.append(token_logprobs(self.engine.module, ids, attn, mask)[0])
+                lps.append(token_logprobs(self.engine.module, ids, attn, mask,
+                                          temperature=self.temperature)[0])
                 if self.critic is not None:
                     vals.append(self._values(ids, attn, mask))
         return torch.cat(lps).cpu(), torch.cat(vals).cpu() if vals else None
 
     def train_ppo(self, seqs: list[Sequence], old_logprobs: Any | None, advantages: Any,
                   returns: Any | None, old_values: Any | None, ref_logprobs: Any | None = None,
-                  kl_coef: float = 0.0) -> dict[str, float]:
+                  kl_coef: float = 0.0, behaviour_logprobs: Any | None = None,
+                  is_cap: float = 2.0) -> dict[str, float]:
         """PPO epochs over this rank's share of a batch, in shuffled minibatches of
         mini_batch_size / world sequences (one optimizer step each, accumulated over
         micro-batches). Per-token inputs are flat [N] over the sequences' response tokens.
@@ -111,7 +126,10 @@ class PPOTrainerWorker(TrainerWorker):
         `old_logprobs` None (`ppo.single_update`): the batch is one optimizer step, so the
         weights do not move before every micro-batch has run and the log-probs of this very
         forward are the old ones. `ref_logprobs` given (`ppo.kl_penalty=loss`): β·k3 KL to
-        the reference, averaged over tokens, is added to the loss; stats kl_token, kl_seq."""
+        the reference, averaged over tokens, is added to the loss; stats kl_token, kl_seq.
+        `behaviour_logprobs` given (a batch partly sampled by older weights): each token's
+        surrogate is scaled by min(p_old / p_sampler, is_cap), NaN marking fresh tokens
+        (`behaviour_weights`); stat is_weight_mean."""
         t0 = time.monotonic()
         p = self.ppo
         lengths = [len(r) for _, r in seqs]
@@ -143,11 +161,14 @@ class PPOTrainerWorker(TrainerWorker):
                     idx = rows[m:m + mb]
                     ids, attn, mask = self._pack([seqs[i] for i in idx])
                     logp, ent = token_logprobs(self.engine.module, ids, attn, mask,
-                                               entropy=True)
+                                               entropy=True, temperature=self.temperature)
                     ones = torch.ones_like(logp, dtype=torch.bool)
                     adv = take(advantages, idx)
                     old = logp.detach() if old_logprobs is None else take(old_logprobs, idx)
-                    loss, stats = policy_loss(logp, old, adv, ones, p.clip_eps)
+                    w = None
+                    if behaviour_logprobs is not None:
+                        w = behaviour_weights(old.float(), take(behaviour_logprobs, idx), is_cap)
+                    loss, stats = policy_loss(logp, old, adv, ones, p.clip_eps, w)
                     entropy = masked_mean(ent, ones)
                     if p.entropy_coef:
                         loss = loss - p.entropy_coef * entropy
@@ -186,26 +207,39 @@ class PPOTrainerWorker(TrainerWorker):
     # --- weights out ------------------------------------------------------------------------------
 
     def _named(self) -> list[Named]:
-        """Full tensors of the policy (HF names) on rank 0; every rank must call this (ZeRO-3
-        gathers layer by layer, all ranks in the same order)."""
+        """Full tensors of the policy on rank 0, under every name the engine's loader expects
+        (`export_names`: a tied output head is sent as `lm_head.weight` too); every rank must
+        call this (ZeRO-3 gathers tensor by tensor, all ranks in the same order)."""
         import deepspeed
 
+        module = self.engine.module
+        live = named_tensors(module)
         out: list[Named] = []
-        for name, p in self.engine.module.named_parameters():
+        for name in export_names(module):
+            p = live[name]
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None,
-                                                   enabled=self.cfg.zero_stage == 3):
+                                                   enabled=self.cfg.zero_stage == 3 and
+                                                   isinstance(p, torch.nn.Parameter)):
                 if self.ctx.rank == 0:
                     out.append((name, p.detach().to("cpu", copy=True)))
         return out
 
-    def export_weights(self, bucket_mb: float) -> list[Any]:
-        """Object-store weight sync: rank 0's weights in published buckets ([] on other ranks)."""
+    def export_weights(self, bucket_mb: float) -> WeightExport:
+        """Object-store weight sync: rank 0's weights in published buckets, with the float64
+        checksum of every tensor as the trainer holds it now (empty on other ranks)."""
         named = self._named()
-        return publish_buckets(cut_buckets(named, int(bucket_mb * 2**20))) if named else []
+        if not named:
+            return WeightExport([], {})
+        sums = {n: checksum(t) for n, t in named}
+        return WeightExport(publish_buckets(cut_buckets(named, int(bucket_mb * 2**20))), sums)
 
     def weight_metas(self) -> list[TensorMeta]:
-        return [TensorMeta(n, tuple(p.shape), str(p.dtype).removeprefix("torch."))
-                for n, p in self.engine.module.named_parameters()]
+        """Names, full shapes (`ds_shape` of a ZeRO-3 partitioned parameter, whose own shape is
+        empty) and dtypes of what `broadcast_weights` sends, in its order."""
+        live = named_tensors(self.engine.module)
+        return [TensorMeta(n, tuple(getattr(live[n], "ds_shape", live[n].shape)),
+                           str(live[n].dtype).removeprefix("torch."))
+                for n in export_names(self.engine.module)]
 
     def join_weight_group(self, host: str, port: int, world_size: int) -> None:
         """NCCL weight sync: rank 0 joins the group with the rollout engines (as its rank 0)."""
@@ -264,8 +298,9 @@ class ReferenceWorker(Worker):
     """The frozen initial policy, for the KL term: log-probs of response tokens, no optimizer."""
 
     def __init__(self, ctx: WorkerContext, model: ModelSpec, dtype: str, max_length: int,
-                 micro_batch_size: int, device: str = "cpu"):
+                 micro_batch_size: int, device: str = "cpu", temperature: float = 1.0):
         super().__init__(ctx)
+        self.temperature = temperature  # the sampler's, as the trainer's log-probs
         self.tokenizer = load_tokenizer(model)
         self.device = device
         self.model = load_causal_lm(model, dtype, device).eval()
@@ -278,5 +313,6 @@ class ReferenceWorker(Worker):
                 batch = pack_sequences(seqs[i:i + self.mb], _pad_id(self.tokenizer),
                                        self.max_length)
                 ids, attn, mask = (x.to(self.device) for x in batch)
-                out.append(token_logprobs(self.model, ids, attn, mask)[0].cpu())
+                out.append(token_logprobs(self.model, ids, attn, mask,
+                                          temperature=self.temperature)[0].cpu())
         return torch.cat(out)

@@ -18,10 +18,13 @@ from cai_ray.actors.group import WorkerContext
 from cai_ray.actors.trainer import DistributedWorker, ds_config, encode_chat
 from cai_ray.algorithms.preference import soft_preference_loss
 from cai_ray.config import ModelSpec, TrainerConfig
+from cai_ray.hardware import torch_dtype
 from cai_ray.messages import Comparison, TrainStats
 from cai_ray.models import load_tokenizer, resolve
 
 HEAD_FILE = "reward_head.safetensors"
+# (conversation, response) or (conversation, response, finished): what the PM scores
+ScoreItem = tuple[Any, ...]
 
 
 class ScalarRewardModel(torch.nn.Module):
@@ -85,7 +88,7 @@ class RewardWorker(DistributedWorker):
         self.spec, self.cfg, self.device, self.seed = model, trainer, device, seed
         self.comm_backend = trainer.comm_backend
         self.tokenizer = load_tokenizer(model)
-        self.dtype = torch.bfloat16 if trainer.dtype == "bfloat16" else torch.float32
+        self.dtype = torch_dtype(trainer.dtype)
         self.engine: Any = None
         self.model: ScalarRewardModel | None = None
         self.step = 0
@@ -111,9 +114,11 @@ class RewardWorker(DistributedWorker):
         self.model = load_reward_model(self.spec, self.dtype).eval().to(
             "cuda" if self.device == "cuda" else "cpu")
 
-    def _batch(self, items: list[tuple[list[dict[str, str]], str]]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = [encode_chat(self.tokenizer, m, r, self.cfg.max_length)[0] for m, r in items]
+    def _batch(self, items: list[ScoreItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conversation, response[, finished]) → right-padded ids and attention mask. A
+        response that did not finish (cut at its token budget) is read without an EOS."""
+        enc = [encode_chat(self.tokenizer, it[0], it[1], self.cfg.max_length,
+                           bool(it[2]) if len(it) > 2 else True)[0] for it in items]
         width = max(len(x) for x in enc)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
@@ -123,7 +128,7 @@ class RewardWorker(DistributedWorker):
             attn[i, : len(x)] = 1
         return ids, attn
 
-    def _scores(self, items: list[tuple[list[dict[str, str]], str]]) -> torch.Tensor:
+    def _scores(self, items: list[ScoreItem]) -> torch.Tensor:
         assert self.model is not None, "call setup() or load_for_scoring() first"
         ids, attn = self._batch(items)
         dev = next(self.model.parameters()).device
@@ -133,8 +138,8 @@ class RewardWorker(DistributedWorker):
         """One micro-batch of comparisons: both responses scored in one forward pass."""
         t0 = time.monotonic()
         self.engine.train()
-        items = [(c.messages, c.response_a) for c in batch] + \
-            [(c.messages, c.response_b) for c in batch]
+        items: list[ScoreItem] = [(c.messages, c.response_a, c.finished_a) for c in batch] + \
+            [(c.messages, c.response_b, c.finished_b) for c in batch]
         r = self._scores(items)
         n = len(batch)
         p = torch.tensor([c.p_a for c in batch], dtype=torch.float32, device=r.device)
@@ -145,8 +150,8 @@ class RewardWorker(DistributedWorker):
         return TrainStats(step=self.step, loss=float(loss.item()), tokens=n, lr=self.cfg.lr,
                           grad_norm=None, seconds=time.monotonic() - t0)
 
-    def score(self, items: list[tuple[list[dict[str, str]], str]]) -> list[float]:
-        """PM score of each (conversation, response)."""
+    def score(self, items: list[ScoreItem]) -> list[float]:
+        """PM score of each (conversation, response[, finished])."""
         if not items:
             return []
         assert self.model is not None

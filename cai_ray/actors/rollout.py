@@ -15,7 +15,9 @@ import time
 from typing import Any
 
 from cai_ray.actors.group import Worker, WorkerContext
+from cai_ray.actors.weight_sync import SyncReport
 from cai_ray.config import EngineConfig, ModelSpec
+from cai_ray.hardware import dtype_name
 from cai_ray.messages import Completion, GenerationRequest, GenerationResult
 from cai_ray.models import resolve
 
@@ -52,7 +54,7 @@ def engine_kwargs(model: ModelSpec, engine: EngineConfig, device: str, seed: int
         "tokenizer": model.tokenizer,
         "revision": model.revision,
         "trust_remote_code": model.trust_remote_code,
-        "dtype": engine.dtype,
+        "dtype": dtype_name(engine.dtype, device),
         "max_model_len": engine.max_model_len,
         "enable_prefix_caching": engine.enable_prefix_caching,
         "max_num_seqs": engine.max_num_seqs,
@@ -106,11 +108,14 @@ class RolloutWorker(Worker):
         return time.monotonic() - t0
 
     def extra_engine_args(self) -> dict[str, Any]:
-        """Engine arguments a subclass role adds (the feedback role reads processed log-probs).
-        On GPU the rollout engine's workers can join an NCCL weight-sync group."""
+        """Engine arguments of this role. Sampled tokens' log-probs are those of the
+        distribution that sampled them (`processed_logprobs`: after temperature), not of the
+        raw logits: they are PPO's behaviour log-probs. On GPU the engine's workers can join
+        an NCCL weight-sync group."""
+        out: dict[str, Any] = {"logprobs_mode": "processed_logprobs"}
         if self.device == "cuda":
-            return {"worker_extension_cls": "cai_ray.actors.weight_sync.WeightReceiver"}
-        return {}
+            out["worker_extension_cls"] = "cai_ray.actors.weight_sync.WeightReceiver"
+        return out
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -175,23 +180,49 @@ class RolloutWorker(Worker):
         """Forget cached prefixes (after new weights; and so benchmarks start cold)."""
         self.llm.reset_prefix_cache()
 
+    def _audit(self) -> Any:
+        """The engine's `WeightAudit`, when its model lives in this process (the in-process
+        engine); None for the multiprocess engine, whose model cannot be reached from here."""
+        if not hasattr(self, "_weight_audit"):
+            from cai_ray.actors.weight_sync import WeightAudit
+
+            self._weight_audit = None
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+                try:
+                    model = self.llm.apply_model(lambda m: m)[0]
+                    self._weight_audit = WeightAudit(model)
+                except Exception as e:  # noqa: BLE001 - the probe still checks the sync
+                    log.warning("%s[%d]: weight audit unavailable (%s); the log-prob probe "
+                                "alone checks weight syncs", self.ctx.role, self.ctx.rank, e)
+        return self._weight_audit
+
     def update_weights(self, version: int, weights: list[tuple[str, Any]] | None = None,
                        path: str | None = None, buckets: list[Any] | None = None,
-                       fetch_timeout_s: float = 600.0) -> int:
+                       fetch_timeout_s: float = 600.0,
+                       checksums: dict[str, tuple[float, float]] | None = None) -> int:
         """Load new policy weights into the running engine: named tensors, `weight_sync`
         buckets (object-store references, fetched one at a time), or a save_pretrained
-        directory; then drop cached prefixes computed with the old weights."""
+        directory; then drop cached prefixes computed with the old weights. Pushed tensors
+        are audited on their way in (`WeightAudit`); `sync_report` then says whether every
+        engine module received weights, computes with them, and (given the sender's
+        `checksums`) holds the trainer's values."""
         from cai_ray.actors.weight_sync import iterate
 
         if sum(x is not None for x in (weights, path, buckets)) != 1:
             raise ValueError("pass exactly one of `weights`, `path` or `buckets`")
+        audit = self._audit() if path is None else None
         if path is not None:
             kwargs: dict[str, Any] = {"weights_path": path}
         else:
-            kwargs = {"weights_iterator": weights if weights is not None else
-                      iterate(buckets or [], fetch_timeout_s)}
+            named = weights if weights is not None else iterate(buckets or [], fetch_timeout_s)
+            kwargs = {"weights_iterator": audit.watch(named) if audit is not None else named}
         self.llm.collective_rpc("reload_weights", kwargs=kwargs)
+        self.last_report = audit.verify(version, checksums) if audit is not None else None
         return self._new_version(version)
+
+    def sync_report(self) -> SyncReport | None:
+        """The audit of the last weight push (None: a directory load, or no audit here)."""
+        return getattr(self, "last_report", None)
 
     def _new_version(self, version: int) -> int:
         self.reset_prefix_cache()
@@ -202,8 +233,13 @@ class RolloutWorker(Worker):
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         self.llm.collective_rpc("cai_join_weight_group", args=(host, port, rank, world_size))
 
-    def receive_weights(self, version: int, metas: list[Any]) -> int:
-        self.llm.collective_rpc("cai_receive_weights", args=(metas,))
+    def receive_weights(self, version: int, metas: list[Any],
+                        checksums: dict[str, tuple[float, float]] | None = None) -> int:
+        reports = self.llm.collective_rpc("cai_receive_weights",
+                                          args=(metas, checksums, version))
+        # With tensor parallelism each worker holds a shard: its own audit covers its shard.
+        self.last_report = next((r for r in reports if not r.ok), reports[0]) \
+            if reports else None
         return self._new_version(version)
 
     def close(self) -> None:

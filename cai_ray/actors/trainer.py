@@ -25,6 +25,7 @@ from typing import Any
 from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
 from cai_ray.algorithms.masked import selected_token_logprobs
 from cai_ray.config import ModelSpec, TrainerConfig
+from cai_ray.hardware import dtype_name, torch_dtype
 from cai_ray.messages import SFTSample, TrainStats
 from cai_ray.models import load_tokenizer, resolve
 
@@ -37,13 +38,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def encode_chat(tok: Any, messages: list[dict[str, str]], response: str, limit: int
-                ) -> tuple[list[int], list[int]]:
+def encode_chat(tok: Any, messages: list[dict[str, str]], response: str, limit: int,
+                finished: bool = True) -> tuple[list[int], list[int]]:
     """Token ids and response mask: the prompt as the chat template renders it for generation,
-    then the response and EOS, exactly the sequence the rollout engine would produce."""
+    then the response, and EOS only when the response stopped by itself (`finished`): exactly
+    the sequence the rollout engine produced. A response cut off at its token budget has no
+    EOS: appending one would teach stopping mid-sentence and score an ending never made."""
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     p_ids = tok.encode(prompt, add_special_tokens=False)
-    r_ids = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+    r_ids = tok.encode(response, add_special_tokens=False) + ([tok.eos_token_id] if finished
+                                                              else [])
     if len(p_ids) + len(r_ids) > limit:
         # Keep at least half the window for the response and drop the prompt's oldest tokens
         # (few-shot turns first): the end of the prompt is what the reply answers.
@@ -79,17 +83,24 @@ def pack_sequences(seqs: list[Sequence], pad: int, limit: int) -> tuple[Any, Any
     return ids, attn, mask
 
 
-def token_logprobs(model: Any, ids: Any, attn: Any, mask: Any, entropy: bool = False
-                   ) -> tuple[Any, Any]:
+def token_logprobs(model: Any, ids: Any, attn: Any, mask: Any, entropy: bool = False,
+                   temperature: float = 1.0) -> tuple[Any, Any]:
     """log p of every masked token given its prefix, flat [N] in row-major order, and (when
     asked) the entropy of each of those next-token distributions [N]. Only the selected
-    positions go through the LM head, called as a module so ZeRO-3 gathers it."""
+    positions go through the LM head, called as a module so ZeRO-3 gathers it.
+
+    `temperature`: the distribution is softmax(logits / T), the one a sampler at T drew the
+    tokens from (PPO's policy is the sampling policy, as in TRL and OpenRLHF); 1 = raw."""
     import torch
 
+    if temperature <= 0:
+        raise ValueError(f"log-probs need a positive temperature, got {temperature}")
     out = model.model(input_ids=ids, attention_mask=attn)
     hidden = out.last_hidden_state[:, :-1]  # position t predicts token t+1
     sel = mask[:, 1:]
     logits = model.lm_head(hidden[sel])
+    if temperature != 1.0:
+        logits = logits.float() / temperature
     logp = selected_token_logprobs(logits, ids[:, 1:][sel])
     ent = None
     if entropy:  # with gradient, for an entropy bonus; detach it for statistics
@@ -116,7 +127,7 @@ def ds_config(t: TrainerConfig, total_steps: int, world_size: int,
         "train_batch_size": t.micro_batch_size * (grad_accum or t.grad_accum) * world_size,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.dtype == "bfloat16"},
+        "bf16": {"enabled": dtype_name(t.dtype) == "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -217,7 +228,7 @@ class TrainerWorker(DistributedWorker):
 
         self.join_group(master_addr, master_port)
         torch.manual_seed(self.seed + self.ctx.rank)
-        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else torch.float32
+        dtype = torch_dtype(self.cfg.dtype)
         model = AutoModelForCausalLM.from_pretrained(
             resolve(self.spec), revision=self.spec.revision, dtype=dtype,
             trust_remote_code=self.spec.trust_remote_code)
@@ -233,7 +244,8 @@ class TrainerWorker(DistributedWorker):
     # --- SFT ------------------------------------------------------------------------------------
 
     def encode(self, sample: SFTSample) -> tuple[list[int], list[int]]:
-        return encode_chat(self.tokenizer, sample.messages, sample.response, self.cfg.max_length)
+        return encode_chat(self.tokenizer, sample.messages, sample.response, self.cfg.max_length,
+                           sample.finished)
 
     def _batch(self, samples: list[SFTSample]) -> tuple[Any, Any, Any]:
         import torch

@@ -17,6 +17,7 @@ cache and takes the new version.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,250 @@ def payload_bytes(buckets: list[list[Named]]) -> int:
     return sum(t.numel() * t.element_size() for b in buckets for _, t in b)
 
 
+# --- what to send, and proof that it arrived --------------------------------------------------
+
+def export_names(module: Any) -> list[str]:
+    """Every tensor name the engine's loader expects for `module` (an HF model): its
+    `state_dict()` keys, so a tied output head (`lm_head.weight`, the same tensor as the input
+    embedding) is sent under both names. `named_parameters()` lists a shared tensor once, and
+    vLLM then never re-derives the head's packed kernel weights: it keeps sampling from the
+    initial head however the policy trains."""
+    return list(module.state_dict(keep_vars=True).keys())
+
+
+def named_tensors(module: Any) -> dict[str, Any]:
+    """name -> live parameter or persistent buffer, tied names included (same object)."""
+    out = dict(module.named_parameters(remove_duplicate=False))
+    for name, b in module.named_buffers(remove_duplicate=False):
+        out.setdefault(name, b)
+    return out
+
+
+def checksum(t: Any) -> tuple[float, float]:
+    """(Σx, Σx²) accumulated in float64: equal for a copy whatever the dtype (up to summation
+    order, ~1e-15 relative), and a stale tensor misses it."""
+    import torch
+
+    d = t.detach()
+    return (float(torch.sum(d, dtype=torch.float64)),
+            float(torch.linalg.vector_norm(d, 2, dtype=torch.float64)) ** 2)
+
+
+@dataclass(frozen=True)
+class WeightExport:
+    """A published weight push: object-store bucket references (or the buckets themselves in
+    local mode) and the sender's `checksum` of every tensor."""
+
+    buckets: list[Any]
+    checksums: dict[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What an engine found after loading a weight push (`WeightAudit.verify`)."""
+
+    version: int
+    tensors: int  # tensors received
+    modules: int  # engine modules checked
+    missing: tuple[str, ...]  # engine modules/parameters that received nothing in this push
+    mismatched: tuple[str, ...]  # received tensors whose checksum differs from the sender's
+    worst_module: str  # the module whose kernel output is furthest from the received weights
+    worst_rel_err: float  # ||kernel(x) − x·Wᵀ|| / ||x·Wᵀ|| there (float32 reference)
+    tolerance: float  # largest rel. error the engine's dtype explains
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.mismatched and self.worst_rel_err <= self.tolerance
+
+    def problem(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} engine tensor(s) received no weights: "
+                         + ", ".join(self.missing[:5]) + (" …" if len(self.missing) > 5 else ""))
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} tensor(s) differ from the trainer's: "
+                         + ", ".join(self.mismatched[:5]))
+        if self.worst_rel_err > self.tolerance:
+            parts.append(f"{self.worst_module} computes with weights other than those pushed "
+                         f"(relative error {self.worst_rel_err:.3g} > {self.tolerance:.3g})")
+        return "; ".join(parts) or "ok"
+
+
+class WeightAudit:
+    """Proof, inside a vLLM engine, that a weight push reached the kernels that compute.
+
+    On CPU vLLM repacks every linear layer's weight for its GEMM kernel (and drops the
+    parameter), so the parameters alone prove nothing. While the pushed tensors stream into
+    `reload_weights`, `watch` records, per engine module, x·Wᵀ for a fixed random x
+    (fused modules such as qkv_proj collect their parts at their output offsets); `verify` then
+    runs each module's own kernel on the same x and compares (the reference is computed in
+    float32 from the received tensors cast to the engine's dtype: exact inputs, ~1e-6 error). Plain parameters (norms, biases,
+    the input embedding) are compared directly. A module that received nothing (a tied head
+    left out) or computes with other weights (a stale repack) fails whatever the dtype: the
+    tolerance is a small multiple of the engine dtype's rounding, far below what a stale tensor
+    shows once the weights have moved by more than that rounding. Sender checksums, when given,
+    prove the received tensors are the trainer's current ones."""
+
+    ROWS = 8
+
+    def __init__(self, model: Any, seed: int = 1234):
+        import torch
+
+        self.model, self.seed = model, seed
+        self.packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", {})
+                                                 or {})
+        self.mapper = getattr(model, "hf_to_vllm_mapper", None)
+        self.modules = dict(model.named_modules())
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                          torch.float32)
+        self._x: dict[int, tuple[Any, Any]] = {}
+        self.kdim: dict[str, int] = {}  # linear-like module -> input features
+        self.reset()
+
+    def reset(self) -> None:
+        self.expected: dict[str, Any] = {}  # module -> [ROWS, N] float64 (linear-like)
+        self.params: dict[str, dict[int, Any]] = {}  # parameter -> {part: received tensor}
+        self.received: dict[str, tuple[float, float]] = {}
+        self.covered: dict[str, set[int]] = {}  # fused module -> part indices received
+
+    def _inputs(self, k: int, device: Any) -> tuple[Any, Any]:
+        import torch
+
+        if k not in self._x:
+            g = torch.Generator().manual_seed(self.seed + k)
+            x = torch.randn(self.ROWS, k, generator=g).to(self.dtype)
+            self._x[k] = (x.to(device), x.float().to(device))
+        return self._x[k]
+
+    def _locate(self, name: str) -> tuple[str, str, int, int]:
+        """HF tensor name -> (engine module, parameter, part index, part count)."""
+        found = self._split(name)
+        if found[0] not in self.modules and self.mapper is not None and \
+                hasattr(self.mapper, "_map_name"):
+            found = self._split(self.mapper._map_name(name) or name)
+        return found
+
+    def _split(self, name: str) -> tuple[str, str, int, int]:
+        mod, _, param = name.rpartition(".")
+        head, _, leaf = mod.rpartition(".")
+        for fused, parts in self.packed.items():
+            if leaf in parts:
+                return (f"{head}.{fused}" if head else fused), param, parts.index(leaf), \
+                    len(parts)
+        return mod, param, 0, 1
+
+    def _linear_like(self, module: Any) -> bool:
+        from vllm.model_executor.layers.linear import LinearBase
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        return isinstance(module, (LinearBase, ParallelLMHead))
+
+    def watch(self, named: Iterable[Named]) -> Iterator[Named]:
+        import torch
+
+        offsets: dict[str, dict[int, int]] = {}
+        for name, t in named:
+            self.received[name] = checksum(t)
+            mod, param, part, nparts = self._locate(name)
+            module = self.modules.get(mod)
+            if module is not None and param == "weight" and t.dim() == 2 and \
+                    self._linear_like(module):
+                self.kdim[mod] = int(t.shape[1])
+                x, x64 = self._inputs(t.shape[1], "cpu")
+                # float32 reference: its accumulation error (~1e-6) is 100x below tolerance
+                w = t.detach().to("cpu", self.dtype).float()
+                y = (x64 @ w.T).double()  # [ROWS, N_part]
+                sizes = getattr(module, "output_sizes", None)
+                if nparts > 1 and sizes is not None and len(sizes) == nparts:
+                    start = sum(sizes[:part])
+                else:
+                    start = offsets.setdefault(mod, {}).get(part, 0)
+                full = self.expected.get(mod)
+                width = max(start + y.shape[1], full.shape[1] if full is not None else 0)
+                if full is None or full.shape[1] < width:
+                    grown = torch.full((self.ROWS, width), float("nan"), dtype=torch.float64)
+                    if full is not None:
+                        grown[:, :full.shape[1]] = full
+                    full = grown
+                full[:, start:start + y.shape[1]] = y
+                self.expected[mod] = full
+                self.covered.setdefault(mod, set()).add(part)
+            elif module is not None:
+                self.params.setdefault(f"{mod}.{param}", {})[part] = \
+                    t.detach().to("cpu", self.dtype).clone()
+                self.covered.setdefault(f"{mod}.{param}", set()).add(part)
+            yield name, t
+
+    def verify(self, version: int, sender: dict[str, tuple[float, float]] | None = None
+               ) -> SyncReport:
+        import torch
+
+        missing, worst, worst_mod = [], 0.0, ""
+        checked = 0
+        eps = torch.finfo(self.dtype).eps
+        tol = 1e-4 if self.dtype == torch.float32 else 2 * eps
+        with torch.no_grad():
+            for mname, module in self.modules.items():
+                own = [(n, p) for n, p in module.named_parameters(recurse=False)]
+                if not own:
+                    continue
+                if self._linear_like(module) and any(n == "weight" for n, _ in own):
+                    checked += 1
+                    exp = self.expected.get(mname)
+                    parts = len(self.packed.get(mname.rpartition(".")[2], [None]))
+                    if exp is None or len(self.covered.get(mname, ())) < parts:
+                        missing.append(f"{mname}.weight")
+                        continue
+                    dev = next(iter(p for _, p in own)).device
+                    x, _ = self._inputs(self.kdim[mname], dev)
+                    got = module.quant_method.apply(module, x).double().cpu()
+                    got = got[:, :exp.shape[1]]
+                    cols = ~torch.isnan(exp[0])
+                    e, g = exp[:, cols], got[:, cols]
+                    rel = float(((g - e).norm(dim=1) / e.norm(dim=1).clamp(min=1e-30)).max())
+                    if rel > worst or math.isnan(rel):
+                        worst, worst_mod = (rel if not math.isnan(rel) else float("inf")), mname
+                    for n, p in own:  # a bias is a plain parameter
+                        if n != "weight":
+                            self._compare_param(f"{mname}.{n}", p, missing)
+                    continue
+                for n, p in own:
+                    if p.numel() <= 1 and p.dim() == 0:  # kv-cache scales and the like
+                        continue
+                    checked += 1
+                    prel = self._compare_param(f"{mname}.{n}", p, missing)
+                    if prel is not None and prel > worst:
+                        worst, worst_mod = prel, f"{mname}.{n}"
+        mismatched = []
+        if sender:
+            for name, (s, s2) in sender.items():
+                got = self.received.get(name)
+                if got is None:
+                    continue  # reported as missing on the engine side if the engine needs it
+                if abs(got[0] - s) > 1e-9 * max(1.0, s2) ** 0.5 * 10 or \
+                        abs(got[1] - s2) > 1e-9 * max(1.0, abs(s2)):
+                    mismatched.append(name)
+        report = SyncReport(version, len(self.received), checked, tuple(missing),
+                            tuple(mismatched), worst_mod, worst, tol)
+        self.reset()
+        return report
+
+    def _compare_param(self, name: str, p: Any, missing: list[str]) -> float | None:
+        parts = self.params.get(name)
+        want = len(self.packed.get(name.rpartition(".")[0].rpartition(".")[2], [None]))
+        if not parts or len(parts) < want:
+            missing.append(name)
+            return None
+        import torch
+
+        sent = torch.cat([parts[i].reshape(-1) for i in sorted(parts)])
+        if p.numel() == 0:
+            return 0.0
+        a = p.detach().float().cpu().reshape(-1)[: sent.numel()]
+        b = sent.float().reshape(-1)[: a.numel()]
+        return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
 # --- NCCL (GPU) -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -110,12 +355,16 @@ class WeightReceiver:
         self._cai_comm = nccl_group(host, port, rank, world_size,
                                     self.device)  # type: ignore[attr-defined]
 
-    def cai_receive_weights(self, metas: list[TensorMeta]) -> None:
+    def cai_receive_weights(self, metas: list[TensorMeta],
+                            checksums: dict[str, tuple[float, float]] | None = None,
+                            version: int = 0) -> SyncReport:
         import torch
 
         comm = self._cai_comm
         device = self.device  # type: ignore[attr-defined]
         stream = torch.cuda.current_stream()
+        if not hasattr(self, "_cai_audit"):
+            self._cai_audit = WeightAudit(self.model_runner.model)  # type: ignore[attr-defined]
 
         def tensors() -> Iterator[Named]:
             for m in metas:
@@ -124,4 +373,6 @@ class WeightReceiver:
                 stream.synchronize()
                 yield m.name, t
 
-        self.reload_weights(weights_iterator=tensors())  # type: ignore[attr-defined]
+        self.reload_weights(  # type: ignore[attr-defined]
+            weights_iterator=self._cai_audit.watch(tensors()))
+        return self._cai_audit.verify(version, checksums)

@@ -85,12 +85,34 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
+def behaviour_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                      cap: float) -> torch.Tensor:
+    """Truncated importance weights min(p_old / p_behaviour, cap) per token, for a batch
+    sampled by older weights than the trainer's (decoupled PPO; IMPALA-style truncation).
+
+    p_old is the proximal policy the clipped ratio is taken against (the trainer's current
+    weights); p_behaviour the policy that sampled (the rollout engine's log-probs). A NaN
+    behaviour log-prob marks a token sampled by the current weights: weight exactly 1. No
+    gradient: the weights scale the surrogate, they are not optimised. Same shape as inputs.
+    """
+    if cap <= 0:
+        raise ValueError(f"the importance-weight cap must be positive, got {cap}")
+    with torch.no_grad():
+        fresh = torch.isnan(behaviour_logprobs)
+        log_w = torch.where(fresh, torch.zeros_like(old_logprobs),
+                            old_logprobs - torch.nan_to_num(behaviour_logprobs))
+        return torch.exp(log_w).clamp(max=cap)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate: masked mean of max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = p / p_old.
+                mask: torch.Tensor, clip_eps: float, weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate: masked mean of w·max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = p / p_old,
+    w the per-token importance weights of a stale batch (`behaviour_weights`; None = 1).
 
     Stats: clip_fraction (share of valid tokens where the clipped term is the larger, i.e. where
-    clipping removed the gradient), approx_kl (masked mean of ½(log ρ)²), ratio_mean.
+    clipping removed the gradient), approx_kl (masked mean of ½(log ρ)²), ratio_mean, and with
+    weights is_weight_mean.
     """
     valid = mask.bool()
     # Zero the log-ratio at padding before exp, so garbage there cannot overflow into inf·0.
@@ -99,13 +121,18 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     adv = torch.where(valid, advantages, torch.zeros_like(advantages))
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), valid)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * torch.where(valid, weights.detach(), torch.zeros_like(weights))
+    loss = masked_mean(per_token, valid)
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), valid).item(),
             "approx_kl": masked_mean(0.5 * log_ratio**2, valid).item(),
             "ratio_mean": masked_mean(ratio, valid).item(),
         }
+        if weights is not None:
+            stats["is_weight_mean"] = masked_mean(weights, valid).item()
     return loss, stats
 
 

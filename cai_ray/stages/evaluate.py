@@ -370,7 +370,8 @@ class LiveEval:
                                       seed=request_seed(self.cfg.run.seed, p.id, "eval"))
                     for p in prompts]
             res = rollout.shard_and_gather(RolloutWorker.generate, reqs)
-            out[aspect] = [(p.messages, r.completions[0].text.strip())
+            out[aspect] = [(p.messages, r.completions[0].text.strip(),
+                            r.completions[0].finish_reason != "length")  # scored as it ended
                            for p, r in zip(prompts, res, strict=True)]
         return out
 
@@ -411,7 +412,7 @@ class LiveEval:
             for n, r in zip(names[1:-1], rs[1:-1], strict=True):
                 m[f"elo/{word}_{n}"] = r.elo
             m[f"eval/pm_{aspect}_mean"] = _mean(now[aspect])
-        rows = [[p.text, a, s] for p, (_, a), s in zip(self.prompts["harmless"],
+        rows = [[p.text, a[1], s] for p, a, s in zip(self.prompts["harmless"],
                                                         answers["harmless"],
                                                         now["harmless"], strict=True)][:8]
         return m, rows

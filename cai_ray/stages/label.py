@@ -47,6 +47,8 @@ FEATURES = datasets.Features({
     "p_a": datasets.Value("float64"), "principle_ids": [datasets.Value("string")],
     "order_disagreement": datasets.Value("bool"), "method": datasets.Value("string"),
     "aspect": datasets.Value("string"), "labeller": datasets.Value("string"),
+    # each response stopped by itself (False: cut at max_new_tokens, read without an EOS)
+    "finished_a": datasets.Value("bool"), "finished_b": datasets.Value("bool"),
 })
 
 
@@ -113,7 +115,8 @@ def judge(group: ActorGroup[FeedbackWorker], lab: Labeller, queries: list[JudgeQ
 
 
 def sample_pairs(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Prompt]
-                 ) -> list[tuple[str, str]]:
+                 ) -> tuple[list[tuple[str, str]], list[tuple[bool, bool]]]:
+    """Two policy samples per prompt, and whether each stopped by itself."""
     s = cfg.rollout.sampling
     reqs = [GenerationRequest(request_id=p.id, messages=p.messages, n=2,
                               temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -121,16 +124,20 @@ def sample_pairs(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Pr
                               max_tokens=s.max_new_tokens,
                               seed=request_seed(cfg.run.seed, p.id, "pair")) for p in prompts]
     res = group.shard_and_gather(RolloutWorker.generate, reqs)
-    return [(r.completions[0].text.strip(), r.completions[1].text.strip()) for r in res]
+    return ([(r.completions[0].text.strip(), r.completions[1].text.strip()) for r in res],
+            [(r.completions[0].finish_reason != "length",
+              r.completions[1].finish_reason != "length") for r in res])
 
 
 def label_shard(lab: Labeller, fb: ActorGroup[FeedbackWorker], prompts: list[Prompt],
-                pairs: list[tuple[str, str]], aspect: str, labeller: str) -> list[dict[str, Any]]:
+                pairs: list[tuple[str, str]], aspect: str, labeller: str,
+                finished: list[tuple[bool, bool]] | None = None) -> list[dict[str, Any]]:
     per_pair = [lab.queries(p.id, p.messages, a, b, aspect) for p, (a, b) in zip(prompts, pairs,
                                                                                 strict=True)]
     probs = judge(fb, lab, [q for qs in per_pair for q in qs])
     rows, i = [], 0
-    for p, (a, b), qs in zip(prompts, pairs, per_pair, strict=True):
+    done = finished or [(True, True)] * len(pairs)
+    for p, (a, b), qs, (fa, fb_) in zip(prompts, pairs, per_pair, done, strict=True):
         p_a, dis = lab.fold(probs[i:i + len(qs)])
         i += len(qs)
         ids = [pr.id for pr in lab.c.sample_comparison(lab.cfg.run.seed, p.id, aspect,
@@ -138,7 +145,7 @@ def label_shard(lab: Labeller, fb: ActorGroup[FeedbackWorker], prompts: list[Pro
         rows.append({"id": p.id, "prompt_id": p.id, "prompt": p.text, "messages": p.messages,
                      "response_a": a, "response_b": b, "p_a": p_a, "principle_ids": ids,
                      "order_disagreement": dis, "method": lab.f.method, "aspect": aspect,
-                     "labeller": labeller})
+                     "labeller": labeller, "finished_a": fa, "finished_b": fb_})
     return rows
 
 
@@ -195,7 +202,8 @@ def human_rows(shard: Shard, labeller: str) -> list[dict[str, Any]]:
     return [{"id": p.id, "prompt_id": p.id, "prompt": p.text, "messages": p.messages,
              "response_a": a, "response_b": b, "p_a": 1.0, "principle_ids": [],
              "order_disagreement": False, "method": "human", "aspect": shard.aspect,
-             "labeller": labeller} for p, (a, b) in zip(shard.prompts, shard.pairs, strict=True)]
+             "labeller": labeller, "finished_a": True, "finished_b": True}
+            for p, (a, b) in zip(shard.prompts, shard.pairs, strict=True)]
 
 
 def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path:
@@ -235,9 +243,14 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
                             rows = human_rows(sh, cfg.data.helpful_pairs.name
                                               if cfg.data.helpful_pairs else "human")
                         else:
-                            pairs = sh.pairs if sh.pairs is not None else sample_pairs(
-                                rollout, cfg, sh.prompts)  # type: ignore[arg-type]
-                            rows = label_shard(lab, fb, sh.prompts, pairs, sh.aspect, labeller)
+                            finished = None
+                            if sh.pairs is not None:
+                                pairs = sh.pairs
+                            else:
+                                pairs, finished = sample_pairs(
+                                    rollout, cfg, sh.prompts)  # type: ignore[arg-type]
+                            rows = label_shard(lab, fb, sh.prompts, pairs, sh.aspect, labeller,
+                                               finished)
                         store.write(sh.name, rows)
                         pairs_done += len(sh.prompts)
                         bar.update(len(sh.prompts))

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ from cai_ray.actors.ppo import PPOTrainerWorker, ReferenceWorker
 from cai_ray.actors.reward import HEAD_FILE, RewardWorker
 from cai_ray.actors.rollout import RolloutWorker
 from cai_ray.actors.trainer import Sequence, TrainerWorker, save_group_model, start_ranks
+from cai_ray.actors.weight_sync import SyncReport, WeightExport
 from cai_ray.algorithms.masked import masked_mean, masked_sum, masked_whiten
 from cai_ray.algorithms.ppo import (
     AdaptiveKLController,
@@ -55,9 +56,12 @@ from cai_ray.algorithms.ppo import (
     token_rewards,
 )
 from cai_ray.checkpoint import Checkpoints, rewind_jsonl
-from cai_ray.config import Config, ModelSpec
+from cai_ray.config import Config, ModelSpec, rl_sampling_problems
+from cai_ray.configschema import Problem, ValidationError
 from cai_ray.data import PromptStream, load_prompts
+from cai_ray.hardware import dtype_name
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
+from cai_ray.models import load_tokenizer
 from cai_ray.runtime import device_of, ray_session, role_group
 from cai_ray.stages.label import policy_spec
 from cai_ray.stages.rm import reward_group
@@ -67,6 +71,9 @@ from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+AHEAD_FILE = "ahead.json"  # in a checkpoint: the batches sampled for the next steps
 
 
 class ResumeError(RuntimeError):
@@ -91,6 +98,7 @@ class Batch:
     pending: list[Pending[list[GenerationResult]]]
     submitted: float
     requests: list[GenerationRequest]
+    collected: list[Sample] | None = None  # its samples, once gathered (or restored)
 
 
 @dataclass
@@ -99,8 +107,9 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     text: str
-    rollout_logprobs: list[float] | None
+    rollout_logprobs: list[float] | None  # the sampler's log-probs (after temperature)
     weight_version: int
+    finished: bool = True  # stopped by itself; False = cut off at max_new_tokens
 
 
 # --- algorithm glue (driver side, pure) -------------------------------------------------------
@@ -154,6 +163,26 @@ def advantages(cfg: Config, scores: torch.Tensor, old: torch.Tensor | None, ref:
     return out
 
 
+def behaviour_logprobs(samples: list[Sample], version: int) -> torch.Tensor | None:
+    """Flat [N] sampler log-probs of the samples made by weights older than `version` (the
+    trainer's), NaN for tokens of samples made by the current weights (importance weight 1);
+    None when the whole batch is fresh."""
+    if all(s.weight_version >= version for s in samples):
+        return None
+    parts = []
+    for s in samples:
+        n = len(s.response_ids)
+        lp = s.rollout_logprobs
+        if s.weight_version < version:
+            if lp is None or len(lp) != n:
+                raise ValueError(f"a stale sample of {s.prompt.id} has no sampler log-probs "
+                                 "for its tokens: the staleness correction needs them")
+            parts.append(torch.tensor(lp, dtype=torch.float32))
+        else:
+            parts.append(torch.full((n,), float("nan")))
+    return torch.cat(parts)
+
+
 # --- groups -----------------------------------------------------------------------------------
 
 def reward_spec(cfg: Config, out_dir: Path) -> ModelSpec:
@@ -173,15 +202,60 @@ def ppo_prompts(cfg: Config) -> datasets.Dataset:
     return datasets.concatenate_datasets(parts)
 
 
+def check_prompt_lengths(cfg: Config, prompts: datasets.Dataset, tok: Any) -> None:
+    """Refuse, before any actor starts, prompts whose chat rendering plus
+    rollout.sampling.max_new_tokens does not fit trainer.max_length: the trainer would have to
+    cut the prompt the engine sampled from, and train on a context the policy never saw."""
+    limit, budget = cfg.trainer.max_length, cfg.rollout.sampling.max_new_tokens
+    bad = []
+    for i, row in enumerate(prompts):
+        text = tok.apply_chat_template(row["messages"], tokenize=False,
+                                       add_generation_prompt=True)
+        n = len(tok.encode(text, add_special_tokens=False))
+        if n + budget > limit:
+            bad.append(Problem(f"row {i} ({row['id']})", f"{n} prompt tokens + {budget} new "
+                               f"tokens > trainer.max_length={limit}", row["source"]))
+    if bad:
+        raise ValidationError(
+            f"{len(bad)} RL prompt(s) do not fit trainer.max_length (raise it, lower "
+            "rollout.sampling.max_new_tokens, or set the sources' max_prompt_chars/limit)",
+            bad[:20])
+
+
+def check_same_tokenizer(policy_tok: Any, critic_tok: Any, policy: ModelSpec,
+                         critic: ModelSpec) -> None:
+    """The critic reads the policy's token ids as they are: refuse a critic whose tokenizer
+    would read them as other tokens."""
+    sample = "Constitutional AI: critique, revise, compare. 12345 ünïcödé <tag>"
+    same = (len(policy_tok) == len(critic_tok) and
+            policy_tok.eos_token_id == critic_tok.eos_token_id and
+            policy_tok.encode(sample, add_special_tokens=False) ==
+            critic_tok.encode(sample, add_special_tokens=False) and
+            policy_tok.get_vocab() == critic_tok.get_vocab())
+    if not same:
+        raise ValueError(f"advantage=gae: the critic (from the PM at {critic.path}) does not "
+                         f"share the policy's tokenizer ({policy.path}), and it is fed the "
+                         "policy's token ids; train the PM on the policy's backbone, or use "
+                         "ppo.advantage=grpo/rloo (no critic)")
+
+
 class PPORun:
     def __init__(self, cfg: Config, out_dir: Path, resume: bool):
         self.cfg, self.out, self.resume = cfg, out_dir, resume
         self.dir = out_dir / "ppo"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpts = Checkpoints(self.dir / "checkpoints", cfg.ppo.keep_checkpoints)
+        problems = rl_sampling_problems(cfg)
+        if problems:
+            raise ValidationError("RL-CAI sampling", problems)
         self.policy = policy_spec(cfg, out_dir)
         self.reward = reward_spec(cfg, out_dir)
-        self.stream = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed)
+        prompts = ppo_prompts(cfg)
+        tok = load_tokenizer(self.policy)
+        check_prompt_lengths(cfg, prompts, tok)
+        if cfg.ppo.advantage == "gae":
+            check_same_tokenizer(tok, load_tokenizer(self.reward), self.policy, self.reward)
+        self.stream = PromptStream(prompts, seed=cfg.data.shuffle_seed)
         p = cfg.ppo
         self.kl = (AdaptiveKLController(p.kl_coef, p.target_kl) if p.adaptive_kl
                    else FixedKLController(p.kl_coef))
@@ -191,7 +265,8 @@ class PPORun:
         # float32 on both sides agrees to ~1e-6. In bfloat16 the engine's and the trainer's
         # kernels round differently (max |diff| ~0.5 on SmolLM2), so the bound is set from the
         # noise floor measured before the first update (identical weights): 4× it.
-        exact = cfg.rollout.engine.dtype == "float32" and cfg.trainer.dtype == "float32"
+        exact = dtype_name(cfg.rollout.engine.dtype) == "float32" and \
+            dtype_name(cfg.trainer.dtype) == "float32"
         self.tolerance: float | None = p.sync_tolerance or (1e-3 if exact else None)
         self.noise_floor: float | None = None
         self.step = 0  # PPO steps done = the trainer's weight version
@@ -199,6 +274,7 @@ class PPORun:
         self.groups: list[ActorGroup[Any]] = []
         self.live: Any = None
         self.recovery_s: list[float] = []
+        self.ahead: list[Batch] = []  # batches restored from a checkpoint, already sampled
         self.fault_log: list[dict[str, Any]] = []
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -216,23 +292,30 @@ class PPORun:
             "reference": lambda: role_group(
                 cfg, "reference", ReferenceWorker,
                 (self.policy, cfg.trainer.dtype, cfg.trainer.max_length,
-                 cfg.trainer.micro_batch_size, self.device)),
+                 cfg.trainer.micro_batch_size, self.device, cfg.rollout.sampling.temperature)),
             "trainer": lambda: role_group(
                 cfg, "trainer", PPOTrainerWorker,
-                (self.policy, cfg.trainer, p, critic, self.device, cfg.run.seed), env,
+                (self.policy, cfg.trainer, p, critic, self.device, cfg.run.seed,
+                 cfg.rollout.sampling.temperature), env,
                 lambda g: start_ranks(g, PPOTrainerWorker.setup, opt_steps,
                                       cfg.run.startup_timeout_s)),
         }
-        with ThreadPoolExecutor(len(makers)) as pool:
+        pool = ThreadPoolExecutor(len(makers))
+        try:
             futures = {name: pool.submit(make) for name, make in makers.items()}
             errors = []
             for fut in futures.values():
                 try:
                     self.groups.append(fut.result())
+                except KeyboardInterrupt:  # Ctrl-C: stop waiting; ray_session ends them all
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
                 except BaseException as e:  # noqa: BLE001 - the first one is raised below
                     errors.append(e)
             if errors:
                 raise errors[0]
+        finally:
+            pool.shutdown(wait=False)
         self.rollout, self.scorer, self.reference, self.trainer = self.groups
         if self.transport == "nccl":
             self._join_nccl()
@@ -263,6 +346,7 @@ class PPORun:
             return
         self.trainer.call_all(PPOTrainerWorker.load_checkpoint, str(path))
         self.step = int(state["step"])
+        self.ahead = self._restore_ahead(path)
         self.stream.load_state_dict(state["stream"])
         self.kl.coef = float(state["kl_coef"])
         self.probe = state.get("probe")
@@ -293,16 +377,18 @@ class PPORun:
                                "restarts, or --resume from the last checkpoint") from err
         ranks = [err.rank] if isinstance(err, ActorCallError) else list(err.ranks)
         seconds = group.restart_failed(err, self.cfg.run.max_restarts)
-        buckets: list[Any] | None = None
+        export: WeightExport | None = None
         for rank, s in zip(ranks, seconds, strict=False):  # empty: already replaced
             if group.role == "reward":
                 group.call(rank, RewardWorker.load_for_scoring)
             elif group.role == "rollout" and self.step > 0:  # a fresh engine: initial weights
-                if buckets is None:
-                    buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
-                                                    self.cfg.ppo.sync_bucket_mb)[0]
+                if export is None:
+                    export = self.trainer.call_all(PPOTrainerWorker.export_weights,
+                                                   self.cfg.ppo.sync_bucket_mb)[0]
                 self.rollout.call(rank, RolloutWorker.update_weights, self.step,
-                                  buckets=buckets, fetch_timeout_s=self.cfg.run.call_timeout_s)
+                                  buckets=export.buckets, checksums=export.checksums,
+                                  fetch_timeout_s=self.cfg.run.call_timeout_s)
+                self._check_report(self.rollout.call(rank, RolloutWorker.sync_report), rank)
             self.recovery_s.append(s)
             self.fault_log.append({"step": self.step, "role": group.role, "rank": rank,
                                    "method": err.method, "restart_s": s,
@@ -326,6 +412,7 @@ class PPORun:
         """Push the trainer's weights (version = steps done) to every engine and check them."""
         t0 = time.monotonic()
         version = self.step
+        buckets = 0
         if self.transport == "nccl":
             metas = self.trainer.call(0, PPOTrainerWorker.weight_metas)
             pend: list[Pending[int]] = [self.rollout.submit(r, RolloutWorker.receive_weights,
@@ -334,18 +421,38 @@ class PPORun:
             sent = self.trainer.call_all(PPOTrainerWorker.broadcast_weights)[0]
             self.rollout.get(pend)
         else:
-            buckets = self.trainer.call_all(PPOTrainerWorker.export_weights,
-                                            self.cfg.ppo.sync_bucket_mb)[0]
+            export = self.trainer.call_all(PPOTrainerWorker.export_weights,
+                                           self.cfg.ppo.sync_bucket_mb)[0]
             self.retry(self.rollout, lambda: self.rollout.call_all(
-                RolloutWorker.update_weights, version, buckets=buckets,
-                fetch_timeout_s=self.cfg.run.call_timeout_s))
+                RolloutWorker.update_weights, version, buckets=export.buckets,
+                checksums=export.checksums, fetch_timeout_s=self.cfg.run.call_timeout_s))
+            buckets = len(export.buckets)
             sent = -1
         seconds = time.monotonic() - t0
-        out = {"sync/seconds": seconds, **self.check_sync(),
-               "sync/buckets": float(len(buckets)) if self.transport != "nccl" else 0.0}
+        out = {"sync/seconds": seconds, **self.check_reports(), **self.check_sync(),
+               "sync/buckets": float(buckets)}
         if sent >= 0:
             out["sync/megabytes"] = sent / 2**20
         return out
+
+    def _check_report(self, report: SyncReport | None, rank: int) -> float:
+        """Raise unless engine `rank`'s audit of the last push found every module loaded with
+        the trainer's weights; returns its worst relative kernel error."""
+        if report is None:
+            return 0.0
+        if not report.ok:
+            raise WeightSyncError(
+                f"after sync to version {self.step} rollout[rank {rank}] is not running the "
+                f"trained weights: {report.problem()}")
+        return report.worst_rel_err
+
+    def check_reports(self) -> dict[str, float]:
+        reports = self.rollout.call_all(RolloutWorker.sync_report)
+        worst = max((self._check_report(r, i) for i, r in enumerate(reports)), default=0.0)
+        if all(r is None for r in reports):
+            return {}
+        return {"sync/audit_rel_err": worst,
+                "sync/audit_modules": float(min(r.modules for r in reports if r is not None))}
 
     def probe_diff(self) -> tuple[float, float]:
         """(max, mean) |engine − trainer| log-prob over the probe tokens, worst engine."""
@@ -401,6 +508,8 @@ class PPORun:
     def collect(self, batch: Batch) -> list[Sample]:
         """The batch's samples; if a rollout actor died, it is restarted with the current
         weights and the whole batch is generated again (same requests, same seeds)."""
+        if batch.collected is not None:
+            return batch.collected
         while True:
             if self.rollout.restarts_since(batch.submitted):  # made partly by a dead actor
                 batch.submitted = time.monotonic()
@@ -412,9 +521,11 @@ class PPORun:
             except (ActorCallError, ActorTimeoutError) as e:
                 self.recover(self.rollout, e)
         by_id = {p.id: p for p in batch.prompts}
-        return [Sample(by_id[res.request_id], res.prompt_token_ids, c.token_ids, c.text,
-                       c.logprobs, res.weight_version)
-                for res in results for c in res.completions]
+        batch.collected = [Sample(by_id[res.request_id], res.prompt_token_ids, c.token_ids,
+                                  c.text, c.logprobs, res.weight_version,
+                                  c.finish_reason != "length")
+                           for res in results for c in res.completions]
+        return batch.collected
 
     # --- one step -------------------------------------------------------------------------------
 
@@ -427,18 +538,19 @@ class PPORun:
         world = self.trainer.num_actors
         bounds = [len(seqs) * r // world for r in range(world + 1)]
         shards = [seqs[bounds[r]:bounds[r + 1]] for r in range(world)]
-        score_p = self.scorer.submit_shards(
-            RewardWorker.score, [(s.prompt.messages, s.text) for s in samples])
+        items = [(s.prompt.messages, s.text, s.finished) for s in samples]
+        score_p = self.scorer.submit_shards(RewardWorker.score, items)
         ref_p = self.reference.submit_shards(ReferenceWorker.logprobs, seqs)
         exp: list[tuple[Any, Any]] = []
         if not cfg.ppo.single_update:  # else the old log-probs are the training forward's own
             exp = self.trainer.get([self.trainer.submit(r, PPOTrainerWorker.experience,
                                                         shards[r]) for r in range(world)])
         m["time/experience"] = time.monotonic() - t0
-        items = [(s.prompt.messages, s.text) for s in samples]
-        scores = torch.tensor(self.retry(self.scorer, lambda: self.scorer.gather(
+        pm_scores = torch.tensor(self.retry(self.scorer, lambda: self.scorer.gather(
             score_p if not self.scorer.restarts_since(t0) else
             self.scorer.submit_shards(RewardWorker.score, items))), dtype=torch.float32)
+        truncated = torch.tensor([not s.finished for s in samples])
+        scores = pm_scores - cfg.ppo.truncated_penalty * truncated.float()
         m["time/score"] = time.monotonic() - t0
         ref_flat = torch.cat(self.retry(self.reference, lambda: self.reference.get(
             ref_p if not self.reference.restarts_since(t0) else
@@ -461,12 +573,16 @@ class PPORun:
         in_loss = cfg.ppo.kl_penalty == "loss"
         if in_loss:
             flat["ref"] = ref_flat
+        beh = behaviour_logprobs(samples, self.step) \
+            if cfg.ppo.staleness_correction == "truncated_is" else None
         tok_bounds = [sum(lengths[:b]) for b in bounds]
         stats = self.trainer.get([self.trainer.submit(
             r, PPOTrainerWorker.train_ppo, shards[r],
             *[flat[k][tok_bounds[r]:tok_bounds[r + 1]] if k in flat else None
               for k in ("old", "adv", "ret", "val", "ref")],
-            kl_coef=self.kl.coef if in_loss else 0.0) for r in range(world)])
+            kl_coef=self.kl.coef if in_loss else 0.0,
+            behaviour_logprobs=beh[tok_bounds[r]:tok_bounds[r + 1]] if beh is not None
+            else None, is_cap=cfg.ppo.is_cap) for r in range(world)])
         m["time/train"] = time.monotonic() - t2
         for k in stats[0]:
             m[f"policy/{k}" if k not in ("value_loss", "value_clip_fraction") else
@@ -484,6 +600,8 @@ class PPORun:
             "reward/total_mean": float(scores.mean()) - self.kl.coef * kl_mean,
             "kl/mean": kl_mean, "kl/coef": self.kl.coef, "kl/token_mean": kl_token,
             "response/length_mean": float(sum(lengths) / len(lengths)),
+            "response/truncated_fraction": float(truncated.float().mean()),
+            "reward/pm_score_mean": float(pm_scores.mean()),
         })
         if old is not None:
             gap = [abs(x - y) for s, row in zip(samples, old.tolist(), strict=True)
@@ -536,8 +654,8 @@ class PPORun:
         cfg, p = self.cfg, self.cfg.ppo
         tracker = Tracker(cfg.tracking, f"{cfg.run.name}-ppo", self.dir, cfg.to_dict())
         consumed = (self.dir / "consumed.jsonl").open("a", encoding="utf-8")
-        inflight: deque[Batch] = deque()
-        next_index = self.step
+        inflight: deque[Batch] = deque(self.ahead)
+        next_index = self.step + len(self.ahead)
         bar = tqdm(total=p.steps, initial=self.step, desc="RL-CAI PPO", unit="step")
         ckpt_s: float | None = None
         try:
@@ -598,7 +716,7 @@ class PPORun:
                                          self.dir / "snapshots" / f"step-{self.step:08d}")
                 if self.step % p.checkpoint_every == 0 or self.step == p.steps:
                     t_ck = time.monotonic()
-                    self.checkpoint(batch)
+                    self.checkpoint(batch, inflight)
                     ckpt_s = time.monotonic() - t_ck
                 bar.set_postfix(score=f"{m['reward/score_mean']:.3f}",
                                 kl=f"{m['kl/mean']:.3f}", stale=stale)
@@ -608,12 +726,33 @@ class PPORun:
             consumed.close()
             tracker.close()
 
-    def checkpoint(self, batch: Batch) -> Path:
+    def checkpoint(self, batch: Batch, inflight: deque[Batch] | None = None) -> Path:
+        """Trainer state, driver state, and the batches already sampled for the next steps
+        (by the previous weights, with max_staleness > 0): a resumed run trains exactly the
+        samples, and so the weight versions, the uninterrupted run would have."""
         tmp = self.ckpts.begin(self.step)
         self.trainer.call_all(PPOTrainerWorker.save_checkpoint, str(tmp))
+        ahead = list(inflight or [])
+        saved = [{"index": b.index, "stream": b.stream_state,
+                  "samples": [asdict(x) for x in self.collect(b)]} for b in ahead]
+        (tmp / AHEAD_FILE).write_text(json.dumps(saved))
         return self.ckpts.commit(tmp, self.step, {
-            "weight_version": self.step, "stream": batch.stream_state,
+            "weight_version": self.step,
+            "stream": ahead[-1].stream_state if ahead else batch.stream_state,
             "kl_coef": self.kl.coef, "probe": self.probe, "sync_tolerance": self.tolerance})
+
+    def _restore_ahead(self, path: Path) -> list[Batch]:
+        """The batches a checkpoint saved for the steps after it (see `checkpoint`)."""
+        f = path / AHEAD_FILE
+        if not f.exists():
+            return []
+        out = []
+        for b in json.loads(f.read_text()):
+            samples = [Sample(**{**x, "prompt": Prompt(**x["prompt"])}) for x in b["samples"]]
+            prompts = list({x.prompt.id: x.prompt for x in samples}.values())
+            out.append(Batch(int(b["index"]), prompts, b["stream"], [], time.monotonic(), [],
+                             samples))
+        return out
 
     def _summary(self, seconds: float) -> dict[str, Any]:
         rows = [json.loads(x) for x in (self.dir / "metrics.jsonl").read_text().splitlines()]

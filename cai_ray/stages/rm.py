@@ -71,7 +71,13 @@ def read_comparisons(path: Path, origin: str) -> list[Comparison]:
             problems.append(Problem(at, f"aspect must be 'harmless' or 'helpful', got "
                                     f"{aspect!r}", origin))
             continue
-        out.append(Comparison(msgs, r["response_a"], r["response_b"], float(p), aspect))
+        fin = [r.get(k, True) for k in ("finished_a", "finished_b")]
+        if not all(isinstance(x, bool) for x in fin):
+            problems.append(Problem(at, f"finished_a/finished_b must be true or false, got "
+                                    f"{fin}", origin))
+            continue
+        out.append(Comparison(msgs, r["response_a"], r["response_b"], float(p), aspect,
+                              fin[0], fin[1]))
     if not out and not problems:
         problems.append(Problem("", "no comparisons", origin))
     if problems:
@@ -144,8 +150,8 @@ def reward_group(cfg: Config, spec: ModelSpec, total_steps: int | None
 
 def score_pairs(group: ActorGroup[RewardWorker], comps: list[Comparison], batch: int
                 ) -> list[tuple[float, float]]:
-    items = [(c.messages, c.response_a) for c in comps] + [(c.messages, c.response_b)
-                                                           for c in comps]
+    items = [(c.messages, c.response_a, c.finished_a) for c in comps] + \
+        [(c.messages, c.response_b, c.finished_b) for c in comps]
     scores: list[float] = []
     for i in range(0, len(items), batch * group.num_actors):
         scores += group.shard_and_gather(RewardWorker.score, items[i:i + batch * group.num_actors])

@@ -55,6 +55,7 @@ class Chain:
 
     prompt: Prompt
     responses: list[str] = field(default_factory=list)  # initial answer, then each revision
+    truncated: list[bool] = field(default_factory=list)  # each response cut at max_new_tokens
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -64,16 +65,21 @@ class Chunk:
     phase: int = 0  # 0 = initial answer; then (critique, revision) per round, or revision only
 
 
+def sl_sampling(cfg: Config) -> dict[str, Any]:
+    """SL generation's sampling: `sl.*` where set, else `rollout.sampling.*`."""
+    s, sl = cfg.rollout.sampling, cfg.sl
+    return {"temperature": sl.temperature if sl.temperature is not None else s.temperature,
+            "top_p": sl.top_p if sl.top_p is not None else s.top_p, "top_k": s.top_k,
+            "repetition_penalty": sl.repetition_penalty if sl.repetition_penalty is not None
+            else s.repetition_penalty, "max_tokens": sl.max_new_tokens}
+
+
 class CritiqueRevision:
     """Builds the requests of each phase for a chunk and folds the results back in."""
 
     def __init__(self, cfg: Config, constitution: Constitution):
         self.cfg, self.c = cfg, constitution
-        s = cfg.rollout.sampling
-        self.sampling = {"temperature": cfg.sl.temperature if cfg.sl.temperature is not None
-                         else s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-                         "repetition_penalty": s.repetition_penalty,
-                         "max_tokens": cfg.sl.max_new_tokens}
+        self.sampling = sl_sampling(cfg)
         self.steps_per_round = 1 if cfg.sl.direct_revision else 2
         self.num_phases = 1 + cfg.sl.rounds * self.steps_per_round
         self.tokens = 0  # generated tokens, for throughput
@@ -112,18 +118,23 @@ class CritiqueRevision:
         for ch, res in zip(chunk.chains, results, strict=True):
             self.tokens += len(res.completions[0].token_ids)
             text = res.completions[0].text.strip()
+            cut = res.completions[0].finish_reason == "length"
             if kind == "answer":
                 ch.responses.append(text)
+                ch.truncated.append(cut)
             elif kind == "critique":
                 pid = self.c.sample_critique(self.cfg.run.seed, ch.prompt.id, rnd).id
-                ch.rounds.append({"principle_id": pid, "critique": text, "revision": None})
+                ch.rounds.append({"principle_id": pid, "critique": text, "revision": None,
+                                  "truncated": False})
             else:
                 if self.cfg.sl.direct_revision:
                     pid = self.c.sample_critique(self.cfg.run.seed, ch.prompt.id, rnd).id
-                    ch.rounds.append({"principle_id": pid, "critique": None, "revision": text})
+                    ch.rounds.append({"principle_id": pid, "critique": None, "revision": text,
+                                      "truncated": cut})
                 else:
-                    ch.rounds[-1]["revision"] = text
+                    ch.rounds[-1].update(revision=text, truncated=cut)
                 ch.responses.append(text)
+                ch.truncated.append(cut)
         chunk.phase += 1
 
 
@@ -158,13 +169,10 @@ def generate_chains(group: ActorGroup[RolloutWorker], cr: CritiqueRevision,
 
 def helpful_rows(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Prompt],
                  bar: tqdm, cr: CritiqueRevision) -> list[dict[str, Any]]:
-    s, n = cfg.rollout.sampling, cfg.sl.helpful_samples
-    temp = cfg.sl.temperature if cfg.sl.temperature is not None else s.temperature
-    reqs = [GenerationRequest(request_id=p.id, messages=p.messages, n=n, temperature=temp,
-                              top_p=s.top_p, top_k=s.top_k,
-                              repetition_penalty=s.repetition_penalty,
-                              max_tokens=cfg.sl.max_new_tokens,
-                              seed=request_seed(cfg.run.seed, p.id, "helpful")) for p in prompts]
+    n = cfg.sl.helpful_samples
+    reqs = [GenerationRequest(request_id=p.id, messages=p.messages, n=n,
+                              seed=request_seed(cfg.run.seed, p.id, "helpful"),
+                              **sl_sampling(cfg)) for p in prompts]
     by_id = {p.id: p for p in prompts}
     results = group.shard_and_gather(RolloutWorker.generate, reqs)
     bar.update(len(reqs) * n)
@@ -174,16 +182,19 @@ def helpful_rows(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Pr
         for j, c in enumerate(res.completions):
             cr.tokens += len(c.token_ids)
             text = c.text.strip()
+            cut = c.finish_reason == "length"
             rows.append({"id": f"{p.id}#{j}", "prompt_id": p.id, "prompt": p.text,
-                         "messages": p.messages, "initial_response": text, "rounds": [],
-                         "final_response": text, "source": f"helpful:{p.source}"})
+                         "messages": p.messages, "initial_response": text,
+                         "initial_truncated": cut, "rounds": [], "final_response": text,
+                         "final_truncated": cut, "source": f"helpful:{p.source}"})
     return rows
 
 
 def chain_rows(chains: list[Chain]) -> list[dict[str, Any]]:
     return [{"id": ch.prompt.id, "prompt_id": ch.prompt.id, "prompt": ch.prompt.text,
              "messages": ch.prompt.messages, "initial_response": ch.responses[0],
-             "rounds": ch.rounds, "final_response": ch.responses[-1],
+             "initial_truncated": ch.truncated[0], "rounds": ch.rounds,
+             "final_response": ch.responses[-1], "final_truncated": ch.truncated[-1],
              "source": ch.prompt.source} for ch in chains]
 
 
@@ -241,7 +252,7 @@ def run_generate(cfg: Config, out_dir: Path, prompt_file: str | None = None) -> 
         (sl_dir / "generate_metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("SL generation: %d generations, %d tokens in %.1f s (%.1f tokens/s, "
                  "start-up included)", total, cr.tokens, secs, metrics["tokens_per_s"])
-    return build_views(store, plan, sl_dir, cfg.sl.train_rounds)
+    return build_views(store, plan, sl_dir, cfg.sl.train_rounds, cfg.sl.drop_truncated)
 
 
 def check_prompt_file(path: str) -> None:

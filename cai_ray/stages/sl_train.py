@@ -37,7 +37,9 @@ def trainer_group(cfg: Config, model: ModelSpec, total_steps: int) -> ActorGroup
 
 def _samples(ds: datasets.Dataset, idx: list[int]) -> list[SFTSample]:
     return [SFTSample(messages=ds[i]["messages"], response=ds[i]["response"],
-                      source=ds[i]["source"]) for i in idx]
+                      source=ds[i]["source"],
+                      finished=bool(ds[i]["finished"]) if "finished" in ds.column_names
+                      else True) for i in idx]
 
 
 def run_train(cfg: Config, out_dir: Path) -> Path:

@@ -27,13 +27,16 @@ FEATURES = datasets.Features({
     "prompt": datasets.Value("string"),
     "messages": _MSG,
     "initial_response": datasets.Value("string"),
+    "initial_truncated": datasets.Value("bool"),  # cut off at max_new_tokens (no EOS)
     "rounds": [{"principle_id": datasets.Value("string"), "critique": datasets.Value("string"),
-                "revision": datasets.Value("string")}],
+                "revision": datasets.Value("string"), "truncated": datasets.Value("bool")}],
     "final_response": datasets.Value("string"),
+    "final_truncated": datasets.Value("bool"),
     "source": datasets.Value("string"),
 })
 TRAIN_FEATURES = datasets.Features({
     "id": datasets.Value("string"), "messages": _MSG, "response": datasets.Value("string"),
+    "finished": datasets.Value("bool"),  # the response stopped by itself: it ends in EOS
     "source": datasets.Value("string"),
 })
 
@@ -97,18 +100,33 @@ class ShardStore:
         return done
 
 
-def train_view(data: datasets.Dataset, train_rounds: int | None) -> datasets.Dataset:
-    """Revisions from every round up to `train_rounds` (SL-CAI-n) plus helpfulness samples."""
-    rows = []
+def train_view(data: datasets.Dataset, train_rounds: int | None, drop_truncated: bool = True
+               ) -> tuple[datasets.Dataset, int]:
+    """Revisions from every round up to `train_rounds` (SL-CAI-n) plus helpfulness samples,
+    and how many truncated ones were left out. A response cut off at max_new_tokens is left
+    out (`drop_truncated`) or kept without an EOS: never taught as if it had ended there."""
+    rows, dropped = [], 0
+
+    def add(row_id: str, messages: Any, response: str, truncated: bool, source: str) -> None:
+        nonlocal dropped
+        if truncated and drop_truncated:
+            dropped += 1
+            return
+        rows.append({"id": row_id, "messages": messages, "response": response,
+                     "finished": not truncated, "source": source})
+
     for row in data:
         if not row["rounds"]:  # a helpfulness sample
-            rows.append({"id": row["id"], "messages": row["messages"],
-                         "response": row["final_response"], "source": "helpful"})
+            add(row["id"], row["messages"], row["final_response"], bool(row["final_truncated"]),
+                "helpful")
             continue
         for r, rnd in enumerate(row["rounds"][:train_rounds], start=1):
-            rows.append({"id": f"{row['id']}@{r}", "messages": row["messages"],
-                         "response": rnd["revision"], "source": f"revision@{r}"})
-    return datasets.Dataset.from_list(rows, features=TRAIN_FEATURES)
+            add(f"{row['id']}@{r}", row["messages"], rnd["revision"], bool(rnd["truncated"]),
+                f"revision@{r}")
+    if not rows:
+        return datasets.Dataset.from_dict({k: [] for k in TRAIN_FEATURES},
+                                          features=TRAIN_FEATURES), dropped
+    return datasets.Dataset.from_list(rows, features=TRAIN_FEATURES), dropped
 
 
 def merge_shards(store: ShardStore, plan: list[tuple[str, list[Prompt]]], final: Path
@@ -125,10 +143,15 @@ def merge_shards(store: ShardStore, plan: list[tuple[str, list[Prompt]]], final:
 
 
 def build_views(store: ShardStore, plan: list[tuple[str, list[Prompt]]], sl_dir: Path,
-                train_rounds: int | None) -> Path:
+                train_rounds: int | None, drop_truncated: bool = True) -> Path:
     data = merge_shards(store, plan, sl_dir / "data")
-    train = train_view(data, train_rounds)
+    train, dropped = train_view(data, train_rounds, drop_truncated)
+    if not len(train):
+        raise ValueError(f"every one of the {dropped} SL training targets was cut off at "
+                         "sl.max_new_tokens: raise it, or set sl.drop_truncated=false to train "
+                         "on them without an EOS")
     save_atomic(train, sl_dir / "train")
-    log.info("SL data: %d rows -> %s; training view: %d samples -> %s", len(data),
-             sl_dir / "data", len(train), sl_dir / "train")
+    log.info("SL data: %d rows -> %s; training view: %d samples -> %s (%d truncated %s)",
+             len(data), sl_dir / "data", len(train), sl_dir / "train", dropped,
+             "left out" if drop_truncated else "kept without EOS")
     return sl_dir / "data"

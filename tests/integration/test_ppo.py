@@ -66,7 +66,8 @@ def test_ppo_learns_what_the_pm_rewards_with_streaming(marker_pm: Path, tmp_path
     cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=30", "trainer.lr=3e-3",
                              "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=4",
                              "ppo.mini_batch_size=16", "ppo.checkpoint_every=10",
-                             "ppo.max_staleness=1", "ppo.kl_coef=0.05", "ppo.eval_every=15"])
+                             "ppo.max_staleness=1", "ppo.kl_coef=0.05", "ppo.eval_every=15",
+                             "rollout.sampling.temperature=0.7"])
     final = run_ppo(cfg, tmp_path)
     assert (final / "config.json").exists()
     rows = _metrics(tmp_path)
@@ -91,8 +92,14 @@ def test_ppo_learns_what_the_pm_rewards_with_streaming(marker_pm: Path, tmp_path
     assert max(stale) == 1 and all(r["version/trainer"] - r["version/batch"] <= 1 for r in rows)
     for key in ("time/generate", "time/score", "time/reference", "time/advantages",
                 "time/train", "sync/seconds", "policy/clip_fraction", "value/loss",
-                "policy/entropy", "response/length_mean", "throughput/tokens_per_s"):
+                "policy/entropy", "response/length_mean", "throughput/tokens_per_s",
+                "sync/audit_rel_err", "response/truncated_fraction"):
         assert key in rows[-1], key
+    # At T = 0.7, with responses hitting the 16-token limit, stale batches reweighted.
+    assert cfg.rollout.sampling.temperature == 0.7
+    assert any(r["response/truncated_fraction"] > 0 for r in rows)
+    assert any("policy/is_weight_mean" in r for r in rows)
+    assert all(r["sync/audit_rel_err"] <= 1e-4 for r in rows)
     summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert summary["steps"] == 30 and len(summary["score_curve"]) == 30
 
@@ -105,7 +112,7 @@ def test_grpo_single_update_with_kl_in_the_loss_learns(marker_pm: Path, tmp_path
                              "ppo.advantage=grpo", "ppo.samples_per_prompt=4",
                              "ppo.rollout_batch_size=8", "ppo.mini_batch_size=32",
                              "ppo.kl_penalty=loss", "ppo.kl_coef=0.01", "ppo.max_staleness=1",
-                             "ppo.checkpoint_every=30",
+                             "ppo.checkpoint_every=30", "rollout.sampling.temperature=0.7",
                              "placement.colocate=[[trainer, reference]]"])
     assert cfg.ppo.single_update
     run_ppo(cfg, tmp_path)
@@ -124,6 +131,7 @@ def test_grpo_single_update_with_kl_in_the_loss_learns(marker_pm: Path, tmp_path
     assert max(kl) > 0.01  # the policy did move away from the reference
     assert "rollout/logprob_gap" not in rows[-1]  # no old log-probs were computed
     assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)
+    assert any(r["response/truncated_fraction"] > 0 for r in rows)  # at T = 0.7, truncating
 
 
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -138,11 +146,13 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float)
     raise TimeoutError(f"no step {step} within {timeout} s")
 
 
-def test_killed_driver_resumes_consuming_every_prompt_once(marker_pm: Path,
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_killed_driver_resumes_consuming_every_prompt_once(marker_pm: Path, staleness: int,
                                                             tmp_path: Path) -> None:
     args = [sys.executable, "-m", "cai_ray.cli", "ppo", "--config", str(TINY), "--output",
             str(tmp_path), f"ppo.reward_model={marker_pm}", "ppo.steps=12",
-            "ppo.checkpoint_every=3", "ppo.keep_checkpoints=2", "ppo.max_staleness=0"]
+            "ppo.checkpoint_every=3", "ppo.keep_checkpoints=2", f"ppo.max_staleness={staleness}",
+            "rollout.sampling.temperature=0.7"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -175,11 +185,14 @@ def test_killed_driver_resumes_consuming_every_prompt_once(marker_pm: Path,
     cfg = load_config(TINY, [])
     expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(12 * 4)
     assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
-    # Synchronous mode: every batch was made with the trainer's current weights.
-    assert all(c["version"] == c["step"] - 1 for c in consumed)
+    # Every batch was made by the weights the uninterrupted run makes it with, across the
+    # resume too: synchronous, the trainer's current ones; streaming, one version older
+    # (the checkpoint keeps the batch the previous weights had already sampled).
+    assert [c["version"] for c in consumed] == [max(0, c["step"] - 1 - staleness)
+                                                for c in consumed]
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert all(r["staleness/max"] == 0 for r in rows)
+    assert all(r["staleness/max"] == min(staleness, r["step"] - 1) for r in rows)
     ckpts = sorted(p.name for p in (tmp_path / "ppo" / "checkpoints").iterdir())
     assert ckpts == ["step-00000009", "step-00000012"]  # the last two; no torn ones
     state = json.loads((tmp_path / "ppo" / "checkpoints" / "step-00000012" /

@@ -56,6 +56,12 @@ def test_rounds_principles_and_training_view(sl_run: Path) -> None:
     train = datasets.load_from_disk(str(sl_run / "sl" / "train"))
     assert len(train) == 6 * 3 + 4
     assert sorted(set(train["source"])) == ["helpful", "revision@1", "revision@2", "revision@3"]
+    # Cut-off revisions are kept (sl.drop_truncated=false in this config) but never given an
+    # EOS: `finished` mirrors the truncation recorded with each round.
+    cut = [rnd["truncated"] for r in red for rnd in r["rounds"]] + \
+        [r["final_truncated"] for r in helpful]
+    assert sorted(train["finished"]) == sorted(not c for c in cut)
+    assert any(cut)  # 12 tokens: the random model runs out of budget
 
 
 def test_same_seed_same_principles_and_direct_mode(sl_run: Path, tmp_path: Path) -> None:

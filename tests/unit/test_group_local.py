@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import _thread
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
+import cai_ray.actors.group as group_mod
 from cai_ray.actors.group import ActorCallError, ActorGroup, ActorTimeoutError
 from cai_ray.config import RoleResources
 from tests.workers import BrokenWorker, EchoWorker, not_a_method
@@ -73,3 +79,83 @@ def test_only_methods_of_the_role_can_be_called() -> None:
     with pytest.raises(TypeError, match="is not a method of EchoWorker"):
         g.call(0, not_a_method)  # type: ignore[arg-type]
     g.shutdown()
+
+
+
+# --- Ctrl-C: waits happen in short slices -------------------------------------------------------
+
+@contextmanager
+def _interrupt_after(seconds: float) -> Iterator[None]:
+    """Raise KeyboardInterrupt in this (main) thread after `seconds`, as Ctrl-C does. No real
+    signal is sent, so a blocking C call is not cut short: the interrupt lands only when the
+    wait returns to the interpreter, which is what the slices are for."""
+    timer = threading.Timer(seconds, _thread.interrupt_main)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def test_ctrl_c_lands_during_a_long_local_call(monkeypatch) -> None:
+    monkeypatch.setattr(group_mod, "INTERRUPT_GRACE_S", 0.5)
+    g = group(1, timeout=60.0)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), _interrupt_after(0.3):
+        g.get([g.submit(0, EchoWorker.sleep, 30.0)])
+    assert time.monotonic() - t0 < 2.0
+    t1 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), _interrupt_after(0.3):
+        g.wait_some([g.submit(0, EchoWorker.sleep, 30.0)])
+    assert time.monotonic() - t1 < 2.0
+    t2 = time.monotonic()
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:  # shutdown in the clean-up of an interrupt
+        g.shutdown()  # does not wait the minute the busy actor would need to close
+    assert time.monotonic() - t2 < group_mod.INTERRUPT_GRACE_S + 1.0
+
+
+class _FakeRay:
+    """Stands in for `ray`: `wait` blocks in one call that does not hand signals on (time.sleep
+    is not woken by a simulated signal) until enough refs are ready or its timeout ends. Refs
+    become ready at the times in `ready_at` (seconds from creation; others never)."""
+
+    def __init__(self, ready_at: dict[str, float]):
+        self.t0, self.ready_at = time.monotonic(), ready_at
+        self.timeouts: list[float] = []
+
+    def wait(self, refs: list[str], num_returns: int = 1, timeout: float = 1e6
+             ) -> tuple[list[str], list[str]]:
+        self.timeouts.append(timeout)
+        when = sorted(self.ready_at.get(r, 1e9) for r in refs)[num_returns - 1]
+        time.sleep(max(0.0, min(when - (time.monotonic() - self.t0), timeout)))
+        now = time.monotonic() - self.t0
+        ready = [r for r in refs if self.ready_at.get(r, 1e9) <= now][:num_returns]
+        return ready, [r for r in refs if r not in ready]
+
+
+def test_ray_wait_in_slices_keeps_results_and_total_timeout(monkeypatch) -> None:
+    fake = _FakeRay({"a": 0.2})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    t0 = time.monotonic()
+    assert group_mod.ray_wait(["a", "b"], num_returns=1, timeout=10) == (["a"], ["b"])
+    assert time.monotonic() - t0 < 1.0  # returns as soon as one is ready
+    t0 = time.monotonic()
+    assert group_mod.ray_wait(["a", "b"], num_returns=2, timeout=1.2) == (["a"], ["b"])
+    assert 1.15 <= time.monotonic() - t0 < 1.8  # the whole timeout, not one slice
+    assert max(fake.timeouts) <= group_mod.WAIT_SLICE_S
+    assert group_mod.ray_wait([], timeout=5) == ([], [])
+
+
+def test_ctrl_c_lands_within_a_slice_of_a_blocking_ray_wait(monkeypatch) -> None:
+    fake = _FakeRay({})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), _interrupt_after(0.2):
+        fake.wait(["never"], timeout=1.5)  # one long wait: Ctrl-C waits for it to end
+    assert time.monotonic() - t0 >= 1.4
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), _interrupt_after(0.2):
+        group_mod.ray_wait(["never"], timeout=1800)  # run.call_timeout_s of a long SFT call
+    assert time.monotonic() - t0 < 0.2 + group_mod.WAIT_SLICE_S + 0.5
