@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import time
@@ -31,8 +30,6 @@ from cai_ray.config import load_config  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
-DIGITS = list(range(18, 28))  # tiny-llama ids of "0".."9"
-LETTERS = list(range(65, 91))  # "a".."z"
 MODES = {"sync": ["ppo.max_staleness=0"],
          "stream-is": ["ppo.max_staleness=1", "ppo.staleness_correction=truncated_is"],
          "stream-raw": ["ppo.max_staleness=1", "ppo.staleness_correction=none"]}
@@ -42,24 +39,14 @@ def marker_pm(out: Path) -> Path:
     """The learning test's PM: planted pairs, the preferred response has digits."""
     from cai_ray.models import load_tokenizer
     from cai_ray.stages.rm import run_rm
+    from cai_ray.synthetic import marker_pairs
 
     final = out / "rm" / "model"
     if (final / "config.json").exists():
         return final
     cfg = load_config(TINY, ["reward.lr=0.002", "reward.epochs=2", "reward.micro_batch_size=8",
                              "reward.eval_fraction=0.2"])
-    tok = load_tokenizer(cfg.model)
-    rng = random.Random(0)
-    rows = []
-    for i in range(300):
-        base = [rng.choice(LETTERS) for _ in range(rng.randint(6, 16))]
-        good = list(base)
-        for j in rng.sample(range(len(base)), k=len(base) // 2):
-            good[j] = rng.choice(DIGITS)
-        a_good = rng.random() < 0.5
-        g, b = tok.decode(good), tok.decode(base)
-        rows.append({"prompt": f"Question {i}", "response_a": g if a_good else b,
-                     "response_b": b if a_good else g, "p_a": 1.0 if a_good else 0.0})
+    rows = marker_pairs(load_tokenizer(cfg.model))
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return run_rm(cfg, out, str(out / "pairs.jsonl"))

@@ -179,6 +179,52 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def scope_notes(run: Path) -> list[str]:
+    """Plain statements of what a run of this size can and cannot show, read off its outputs:
+    how many held-out prompts the Elo rests on, whether any interval excludes no difference,
+    whether the judge is the policy itself, how many responses ran out of tokens."""
+    import yaml
+
+    notes: list[str] = []
+    cfg: dict[str, Any] = {}
+    if (run / "config.yaml").exists():
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    policy = (cfg.get("model") or {}).get("path")
+    judge = ((cfg.get("feedback") or {}).get("model") or {}).get("path") or policy
+    if policy and judge == policy:
+        notes.append(f"The feedback model is the policy model itself ({policy}). A small model "
+                     "judges near chance (SmolLM2-135M: 51% on the paper's HHH comparisons), so "
+                     "its labels, the PM trained on them and the PPO that follows the PM carry "
+                     "little harmlessness signal: this run shows that every stage works on real "
+                     "engines, not that the method makes this model more harmless. A stronger "
+                     "feedback model (feedback.model) is what that needs.")
+    elo_path = run / "eval" / "elo.json"
+    if elo_path.exists():
+        elo = json.loads(elo_path.read_text())
+        flat = [(k, n, t[n]) for k, t in elo.get("elo", {}).items() for n in elo["snapshots"]]
+        counts = sorted({int(r.get("comparisons", 0)) for _, _, r in flat})
+        open_ = [f"{k}/{n}" for k, n, r in flat if r["low"] <= 0 <= r["high"] and
+                 n != elo["snapshots"][0]]
+        span = (f"{counts[0]}" if len(counts) == 1 else
+                f"{counts[0]}–{counts[-1]}" if counts else "0")
+        notes.append(f"Elo rests on {span} comparisons per snapshot, on held-out prompts the "
+                     "run never trained on. "
+                     + (f"{len(open_)} of the ratings' 95% intervals contain 0 ({', '.join(open_[:6])}"
+                        f"{' …' if len(open_) > 6 else ''}): at this size those differences are "
+                        "not distinguishable from no difference." if open_ else
+                        "Every non-reference interval excludes 0."))
+    ppo = [r for r in _jsonl(run / "ppo" / "metrics.jsonl") if "reward/score_mean" in r]
+    if ppo:
+        trunc = [r["response/truncated_fraction"] for r in ppo
+                 if "response/truncated_fraction" in r]
+        notes.append(f"PPO ran {len(ppo)} steps: a rising PM score over so few steps shows the "
+                     "loop optimises the PM, not that the policy generalises."
+                     + (f" {100 * sum(trunc) / len(trunc):.0f}% of its responses ran out of "
+                        "tokens (scored without an EOS, minus ppo.truncated_penalty)."
+                        if trunc else ""))
+    return notes
+
+
 def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     out = run / "report"
@@ -239,6 +285,10 @@ def write_report(run_dir: str | Path) -> Path:
     if not sections:
         raise FileNotFoundError(f"{run} has no stage output to report (eval/elo.json, "
                                 "ppo/metrics.jsonl, rm/metrics.json)")
+    notes = scope_notes(run)
+    if notes:
+        sections.insert(0, "<h2>What this run can and cannot show</h2><ul>" +
+                        "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>cai-ray report</title>"
             "<style>body{font-family:sans-serif;max-width:1150px;margin:2em auto}"
             "img{max-width:100%;margin:0.5em 0}table{border-collapse:collapse;margin:0.5em 0}"

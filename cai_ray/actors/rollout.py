@@ -35,7 +35,10 @@ def cuda_available() -> bool:
 
 def vllm_env(engine: EngineConfig, device: str, threads: int | None = None) -> dict[str, str]:
     """Environment a vLLM engine needs, set before vLLM is imported in the actor."""
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if engine.in_process else "1"}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if engine.in_process else "1",
+           # the engine's config dumps and per-load INFO lines stay out of the console;
+           # export VLLM_LOGGING_LEVEL=INFO (or DEBUG) to see them
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if threads:  # else vLLM drops torch to one thread "for serving" when OMP is unset
         env["OMP_NUM_THREADS"] = str(threads)
     if device == "cpu":

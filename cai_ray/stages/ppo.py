@@ -545,17 +545,23 @@ class PPORun:
         if not cfg.ppo.single_update:  # else the old log-probs are the training forward's own
             exp = self.trainer.get([self.trainer.submit(r, PPOTrainerWorker.experience,
                                                         shards[r]) for r in range(world)])
-        m["time/experience"] = time.monotonic() - t0
+        # The three run at once on their own actors; each timer is the part of the phase the
+        # driver spent waiting for that result after the previous one: they add up, never
+        # overlap (time/experience_phase is their sum).
+        t_exp = time.monotonic()
+        m["time/experience"] = t_exp - t0
         pm_scores = torch.tensor(self.retry(self.scorer, lambda: self.scorer.gather(
             score_p if not self.scorer.restarts_since(t0) else
             self.scorer.submit_shards(RewardWorker.score, items))), dtype=torch.float32)
         truncated = torch.tensor([not s.finished for s in samples])
         scores = pm_scores - cfg.ppo.truncated_penalty * truncated.float()
-        m["time/score"] = time.monotonic() - t0
+        t_score = time.monotonic()
+        m["time/score"] = t_score - t_exp
         ref_flat = torch.cat(self.retry(self.reference, lambda: self.reference.get(
             ref_p if not self.reference.restarts_since(t0) else
             self.reference.submit_shards(ReferenceWorker.logprobs, seqs))))
-        m["time/reference"] = time.monotonic() - t0
+        m["time/reference"] = time.monotonic() - t_score
+        m["time/experience_phase"] = time.monotonic() - t0
 
         t1 = time.monotonic()
         ref, mask = to_rows(ref_flat, lengths)

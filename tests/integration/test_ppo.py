@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -21,11 +20,10 @@ from cai_ray.data import PromptStream
 from cai_ray.models import load_tokenizer
 from cai_ray.stages.ppo import ppo_prompts, run_ppo
 from cai_ray.stages.rm import run_rm
+from cai_ray.synthetic import marker_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
-DIGITS = list(range(18, 28))  # tiny-llama ids of "0".."9": the marker the PM learns to like
-LETTERS = list(range(65, 91))  # ids of "a".."z"
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +31,7 @@ def marker_pm(ray_local, tiny_model_dir, tmp_path_factory) -> Path:
     """A PM trained on planted pairs: the same letters, but the preferred one has digits."""
     cfg = load_config(TINY, ["reward.lr=0.002", "reward.epochs=2", "reward.micro_batch_size=8",
                              "reward.eval_fraction=0.2"])
-    tok = load_tokenizer(cfg.model)
-    rng = random.Random(0)
-    rows = []
-    for i in range(300):
-        base = [rng.choice(LETTERS) for _ in range(rng.randint(6, 16))]
-        good = list(base)
-        for j in rng.sample(range(len(base)), k=len(base) // 2):
-            good[j] = rng.choice(DIGITS)
-        a_good = rng.random() < 0.5
-        g, b = tok.decode(good), tok.decode(base)
-        rows.append({"prompt": f"Question {i}", "response_a": g if a_good else b,
-                     "response_b": b if a_good else g, "p_a": 1.0 if a_good else 0.0})
+    rows = marker_pairs(load_tokenizer(cfg.model))
     out = tmp_path_factory.mktemp("marker_pm")
     (out / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     model = run_rm(cfg, out, str(out / "pairs.jsonl"))

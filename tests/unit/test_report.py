@@ -48,3 +48,26 @@ def test_report_draws_every_plot(tmp_path: Path) -> None:
 def test_report_without_outputs_says_so(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no stage output"):
         write_report(tmp_path)
+
+
+def test_report_says_what_a_run_of_its_size_can_and_cannot_show(tmp_path: Path) -> None:
+    names = ["initial", "sl", "ppo"]
+    elo = {"snapshots": names,
+           "elo": {"judge/harmless": {"initial": _rating(0.0, 8),
+                                      "sl": {"elo": 20.0, "low": -60.0, "high": 90.0,
+                                             "comparisons": 8},
+                                      "ppo": {"elo": 200.0, "low": 50.0, "high": 300.0,
+                                              "comparisons": 8}}}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "elo.json").write_text(json.dumps(elo))
+    (tmp_path / "config.yaml").write_text("model: {path: smollm2}\nfeedback: {model: null}\n")
+    (tmp_path / "ppo").mkdir()
+    (tmp_path / "ppo" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward/score_mean": 0.1 * s, "reward/total_mean": 0.1 * s,
+                    "kl/mean": 0.0, "time/step": 1.0,
+                    "response/truncated_fraction": 0.5}) + "\n" for s in range(1, 3)))
+    page = write_report(tmp_path).read_text()
+    assert "What this run can and cannot show" in page
+    assert "feedback model is the policy model itself (smollm2)" in page
+    assert "1 of the ratings&#x27; 95% intervals contain 0 (judge/harmless/sl)" in page
+    assert "PPO ran 2 steps" in page and "50% of its responses ran out of tokens" in page
