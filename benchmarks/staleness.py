@@ -46,7 +46,7 @@ def marker_pm(out: Path) -> Path:
         return final
     cfg = load_config(TINY, ["reward.lr=0.002", "reward.epochs=2", "reward.micro_batch_size=8",
                              "reward.eval_fraction=0.2"])
-    rows = marker_pairs(load_tokenizer(cfg.model))
+    rows = marker_pairs(load_tokenizer(cfg.model), mixed=False)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return run_rm(cfg, out, str(out / "pairs.jsonl"))

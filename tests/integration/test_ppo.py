@@ -31,7 +31,8 @@ def marker_pm(ray_local, tiny_model_dir, tmp_path_factory) -> Path:
     """A PM trained on planted pairs: the same letters, but the preferred one has digits."""
     cfg = load_config(TINY, ["reward.lr=0.002", "reward.epochs=2", "reward.micro_batch_size=8",
                              "reward.eval_fraction=0.2"])
-    rows = marker_pairs(load_tokenizer(cfg.model))
+    # Scored as PPO scores the tiny policy's samples: cut off at 16 tokens, without an EOS.
+    rows = marker_pairs(load_tokenizer(cfg.model), mixed=False)
     out = tmp_path_factory.mktemp("marker_pm")
     (out / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     model = run_rm(cfg, out, str(out / "pairs.jsonl"))
@@ -50,22 +51,25 @@ def test_ppo_learns_what_the_pm_rewards_with_streaming(marker_pm: Path, tmp_path
     # climbed too little in some environments (−9.8 → −6.5 where an earlier one reached +1.7:
     # the tiny model and its tokenizer are built locally); with 3e-3 alone the KL passed 64
     # nats. These settings cleared the bar on seeds 0 and 2 by 3.2 and 2.2 points, KL ≤ 56.
-    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=30", "trainer.lr=3e-3",
+    # At T = 0.7, with the PM reading responses as they end (no fake EOS): β 0.05 learned but
+    # passed 64 nats of KL (log-probs at T are sharper); β 0.1 over 30 steps climbed 0.26 short
+    # of the bar, over 45 it passed 86 nats; β 0.2 over 45 steps: −8.49 → +4.21, KL ≤ 54.
+    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=45", "trainer.lr=3e-3",
                              "ppo.rollout_batch_size=8", "ppo.samples_per_prompt=4",
                              "ppo.mini_batch_size=16", "ppo.checkpoint_every=10",
-                             "ppo.max_staleness=1", "ppo.kl_coef=0.05", "ppo.eval_every=15",
+                             "ppo.max_staleness=1", "ppo.kl_coef=0.2", "ppo.eval_every=15",
                              "rollout.sampling.temperature=0.7"])
     final = run_ppo(cfg, tmp_path)
     assert (final / "config.json").exists()
     rows = _metrics(tmp_path)
     # Live PM Elo against the initial policy every 15 steps, and the snapshot for `eval`.
     live = [r for r in rows if "elo/harmlessness" in r]
-    assert [r["step"] for r in live] == [15, 30]
+    assert [r["step"] for r in live] == [15, 30, 45]
     assert all(r["elo/harmlessness_low"] <= r["elo/harmlessness"] <= r["elo/harmlessness_high"]
                for r in live)
     assert (tmp_path / "ppo" / "snapshots" / "step-00000015" / "config.json").exists()
     rows = [r for r in rows if "reward/score_mean" in r]
-    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert [r["step"] for r in rows] == list(range(1, 46))
     score = [r["reward/score_mean"] for r in rows]
     first, last = sum(score[:5]) / 5, sum(score[-5:]) / 5
     spread = max(r["reward/score_std"] for r in rows[:5])
@@ -88,24 +92,26 @@ def test_ppo_learns_what_the_pm_rewards_with_streaming(marker_pm: Path, tmp_path
     assert any("policy/is_weight_mean" in r for r in rows)
     assert all(r["sync/audit_rel_err"] <= 1e-4 for r in rows)
     summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
-    assert summary["steps"] == 30 and len(summary["score_curve"]) == 30
+    assert summary["steps"] == 45 and len(summary["score_curve"]) == 45
 
 
 def test_grpo_single_update_with_kl_in_the_loss_learns(marker_pm: Path, tmp_path: Path
                                                        ) -> None:
     """GRPO as its paper has it (β·KL in the loss) with one optimizer step per batch: the
     trainer skips the separate old-log-prob forward and still learns what the PM rewards."""
-    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=30", "trainer.lr=3e-3",
+    # 45 steps at T = 0.7: with the PM reading responses without a fake EOS the scores spread
+    # more (first-5 std ~3.5), and 30 steps cleared the bar by -0.2 (−8.48 → −1.61).
+    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=45", "trainer.lr=3e-3",
                              "ppo.advantage=grpo", "ppo.samples_per_prompt=4",
                              "ppo.rollout_batch_size=8", "ppo.mini_batch_size=32",
                              "ppo.kl_penalty=loss", "ppo.kl_coef=0.01", "ppo.max_staleness=1",
-                             "ppo.checkpoint_every=30", "rollout.sampling.temperature=0.7",
+                             "ppo.checkpoint_every=45", "rollout.sampling.temperature=0.7",
                              "placement.colocate=[[trainer, reference]]"])
     assert cfg.ppo.single_update
     run_ppo(cfg, tmp_path)
     assert SHARED_PLACEMENTS.count() == 0  # the trainer+reference group is gone with the run
     rows = [r for r in _metrics(tmp_path) if "reward/score_mean" in r]
-    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert [r["step"] for r in rows] == list(range(1, 46))
     score = [r["reward/score_mean"] for r in rows]
     first, last = sum(score[:5]) / 5, sum(score[-5:]) / 5
     spread = max(r["reward/score_std"] for r in rows[:5])
