@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", help="JSONL with prompt, response_a, response_b per line: label "
                    "these instead of sampling pairs from the policy")
 
+    p = sub.add_parser("judge-check", help="measure the feedback model on labelled pairwise "
+                       "sets (accuracy with 95%% interval, ECE, order disagreement per set), "
+                       "labelling nothing; writes DIR/label/judge_check.json")
+    _add_run_args(p)
+    p.add_argument("--sets", help="comma-separated built-in sets (harmless, evasive, helpful, "
+                   "hhh-dev) or JSONL files; default feedback.check_sets")
+    p.add_argument("--limit", type=int, help="comparisons per set (default feedback.check_limit)")
+
     p = sub.add_parser("rm", help="RL-CAI: train the preference model on the comparisons")
     _add_run_args(p)
     p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
@@ -270,6 +278,20 @@ def _cmd_label(args: argparse.Namespace) -> int:
                        (lambda: read_pairs_file(args.pairs)) if args.pairs else None)
 
 
+def _cmd_judge_check(args: argparse.Namespace) -> int:
+    from cai_ray.judgecheck import load_set
+    from cai_ray.stages.label import run_judge_check
+
+    sets = [x.strip() for x in args.sets.split(",") if x.strip()] if args.sets else None
+
+    def precheck() -> None:
+        for name in sets or []:
+            load_set(name)
+
+    return _run_stages(args, lambda cfg, out: [("judge-check", lambda: run_judge_check(
+        cfg, out, sets, args.limit))], precheck)
+
+
 def _cmd_rm(args: argparse.Namespace) -> int:
     from cai_ray.stages.rm import read_comparisons, run_rm
 
@@ -410,7 +432,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
-            "label": _cmd_label, "rm": _cmd_rm, "ppo": _cmd_ppo, "eval": _cmd_eval,
+            "label": _cmd_label, "judge-check": _cmd_judge_check, "rm": _cmd_rm, "ppo": _cmd_ppo, "eval": _cmd_eval,
             "report": _cmd_report, "serve": _cmd_serve, "plan": _cmd_plan, "pipeline": _cmd_pipeline}
 
 
@@ -426,6 +448,7 @@ _RESUME_NOTE = {
     "label": "finished shards are skipped",
     "rm": "preference-model training starts over",
     "eval": "the evaluation starts over",
+    "judge-check": "the check starts over",
     "sample": "sampling starts over",
 }
 

@@ -95,6 +95,9 @@ class FeedbackConfig:
     method: Literal["logprob", "cot"] = option("logprob", "soft labels from option log-probs, "
                                                "or chain-of-thought then clamped probabilities")
     both_orders: bool = option(True, "score (A,B) and (B,A) and average, cancelling position bias")
+    order_combine: Literal["mean", "logit"] = option(
+        "mean", "how both orders combine: mean of probabilities (paper) or mean of log-odds "
+        "(cancels a position prior exactly: content-free calibration at no extra cost)")
     num_principles: int = option(1, "principles averaged per comparison (1 = paper's sampling)",
                                  positive)
     few_shot: int = option(2, "few-shot labelling examples prepended (at most those available)",
@@ -109,12 +112,24 @@ class FeedbackConfig:
     chat_template: bool = option(True, "wrap the multiple-choice prompt in the judge's chat "
                                  "template (instruct judges); false = the paper's plain text")
     batch_size: int = option(64, "comparisons per feedback call", positive)
+    check_sets: list[str] = option(
+        help="labelled pairwise sets the judge is measured on before it labels (built-in: "
+        "harmless, evasive, helpful, hhh-dev; or JSONL files with prompt, better, worse, "
+        "aspect); [] = no check", factory=lambda: ["harmless", "evasive", "helpful"])
+    check_limit: int = option(0, "comparisons per check set (0 = all)", non_negative)
 
     def problems(self) -> list[tuple[str, str]]:
+        from cai_ray.judgecheck import BUILTIN_SETS, set_path
+
         c = self.cot_clamp
+        out = []
         if len(c) != 2 or not (0.0 <= c[0] <= 0.5 <= c[1] <= 1.0):
-            return [("cot_clamp", f"must be [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1, got {c}")]
-        return []
+            out.append(("cot_clamp", f"must be [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1, got {c}"))
+        for i, name in enumerate(self.check_sets):
+            if name not in BUILTIN_SETS and not set_path(name).is_file():
+                out.append((f"check_sets[{i}]", f"{name!r} is neither a built-in set "
+                            f"({', '.join(BUILTIN_SETS)}) nor an existing JSONL file"))
+        return out
 
 
 @dataclass

@@ -9,6 +9,7 @@ principles per comparison the conversation *and* both responses are a shared pre
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -89,6 +90,19 @@ def combine_orders(p_a_first: float, p_a_second: float) -> float:
     """p(A) from both orders: the second order showed A as option (B), so its p(A-option)
     is the probability of B; averaging cancels a constant position bias."""
     return 0.5 * (p_a_first + (1.0 - p_a_second))
+
+
+def combine_orders_logit(p_a_first: float, p_a_second: float, eps: float = 1e-6) -> float:
+    """p(A) from both orders, in log-odds: sigmoid((logit p1 - logit p2') / 2) with p2' the
+    second order's p(A-option). A position prior b adds to both logits and cancels exactly, so
+    this is content-free calibration (divide out the judge's p(A) on empty options) with no
+    extra request: the prior's logit drops out of the difference."""
+    def logit(p: float) -> float:
+        p = min(max(p, eps), 1 - eps)
+        return math.log(p / (1 - p))
+
+    z = 0.5 * (logit(p_a_first) - logit(p_a_second))
+    return 1.0 / (1.0 + math.exp(-z))
 
 
 def clamp(p: float, lo: float, hi: float) -> float:

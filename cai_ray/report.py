@@ -198,6 +198,14 @@ def scope_notes(run: Path) -> list[str]:
                      "little harmlessness signal: this run shows that every stage works on real "
                      "engines, not that the method makes this model more harmless. A stronger "
                      "feedback model (feedback.model) is what that needs.")
+    check_path = run / "label" / "judge_check.json"
+    if check_path.exists():
+        sets = json.loads(check_path.read_text()).get("sets", {})
+        chance = [n for n, r in sets.items() if r.get("chance_in_interval")]
+        if chance:
+            notes.append(f"On {', '.join(chance)} the feedback model's accuracy interval "
+                         "contains 50% (label/judge_check.json): its labels of that kind of "
+                         "comparison are not distinguishable from chance.")
     elo_path = run / "eval" / "elo.json"
     if elo_path.exists():
         elo = json.loads(elo_path.read_text())
@@ -265,6 +273,19 @@ def write_report(run_dir: str | Path) -> Path:
                             [[r["step"], r["reward/score_mean"], r["kl/mean"],
                               r.get("policy/clip_fraction", ""), r.get("time/step", "")]
                              for r in ppo_rows]))
+    check_path = run / "label" / "judge_check.json"
+    if check_path.exists():
+        jc = json.loads(check_path.read_text())
+        rows = [[name, r["n"], r["accuracy"], r["interval"][0], r["interval"][1], r["ece"],
+                 "" if r["order_disagreement"] is None else r["order_disagreement"],
+                 r["lean_a"], "yes" if r["chance_in_interval"] else "no"]
+                for name, r in jc["sets"].items()]
+        sections.append(
+            f"<h2>Feedback model on labelled sets</h2><p>{html.escape(str(jc['labeller']))}, "
+            f"{html.escape(str(jc['method']))}, both orders: {jc['both_orders']}, principles: "
+            f"{jc['num_principles']}, few-shot: {jc['few_shot']}, checked before labelling."
+            "</p>" + _table(["set", "n", "accuracy", "low", "high", "ECE", "order disagreement",
+                             "lean (A)", "interval contains 50%"], rows))
     rm_path = run / "rm" / "metrics.json"
     if rm_path.exists():
         rm = json.loads(rm_path.read_text())

@@ -37,6 +37,12 @@ class FeedbackWorker(RolloutWorker):
     def extra_engine_args(self) -> dict[str, Any]:
         return {"logprobs_mode": "processed_logprobs"}
 
+    def set_chat_template(self, on: bool) -> bool:
+        """Switch between the chat form and the paper's plain text (to compare them on one
+        engine); returns the previous setting."""
+        previous, self.chat_template = self.chat_template, on
+        return previous
+
     def context_text(self, q: JudgeQuery) -> str:
         if not self.chat_template:
             return plain_text(q)

@@ -29,13 +29,23 @@ from cai_ray.actors.rollout import RolloutWorker, vllm_env
 from cai_ray.config import Config, ModelSpec
 from cai_ray.configschema import Problem, ValidationError
 from cai_ray.constitution import Constitution, load_constitution
-from cai_ray.labelling import JudgeQuery, clamp, combine_orders, question, render_shots
+from cai_ray.judgecheck import SetResult, load_set, set_label, summarize_set
+from cai_ray.judgecheck import table as judge_table
+from cai_ray.labelling import (
+    JudgeQuery,
+    clamp,
+    combine_orders,
+    combine_orders_logit,
+    question,
+    render_shots,
+)
 from cai_ray.messages import GenerationRequest, Prompt
 from cai_ray.preflight import resolve_path
 from cai_ray.runtime import device_of, ray_session, role_group
 from cai_ray.stages.sample import rollout_group
 from cai_ray.stages.sl import request_seed
 from cai_ray.stages.store import ShardStore, merge_shards
+from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +102,8 @@ class Labeller:
         if not self.f.both_orders:
             return sum(probs) / len(probs), False
         firsts, seconds = probs[0::2], probs[1::2]
-        per = [combine_orders(x, y) for x, y in zip(firsts, seconds, strict=True)]
+        both = combine_orders if self.f.order_combine == "mean" else combine_orders_logit
+        per = [both(x, y) for x, y in zip(firsts, seconds, strict=True)]
         disagree = any((x > 0.5) != (y < 0.5) for x, y in zip(firsts, seconds, strict=True))
         return sum(per) / len(per), disagree
 
@@ -147,6 +158,82 @@ def label_shard(lab: Labeller, fb: ActorGroup[FeedbackWorker], prompts: list[Pro
                      "order_disagreement": dis, "method": lab.f.method, "aspect": aspect,
                      "labeller": labeller, "finished_a": fa, "finished_b": fb_})
     return rows
+
+
+def check_judge(lab: Labeller, fb: ActorGroup[FeedbackWorker], sets: list[str],
+                limit: int = 0) -> list[SetResult]:
+    """The feedback model on labelled pairwise sets, exactly as it will label: the same
+    principles, few-shot examples, orders, method and template (`cai_ray.judgecheck`)."""
+    results = []
+    for name in sets:
+        items = load_set(name)
+        if limit:
+            items = items[:limit]
+        per = [lab.queries(f"check:{it.id}", [{"role": "user", "content": it.prompt}],
+                           *it.options(), it.aspect) for it in items]
+        probs = judge(fb, lab, [q for qs in per for q in qs])
+        p_a, dis, i = [], [], 0
+        for qs in per:
+            p, d = lab.fold(probs[i:i + len(qs)])
+            p_a.append(p)
+            dis.append(d)
+            i += len(qs)
+        # lean: p(option A) of every single judgement, whichever response stood there
+        results.append(summarize_set(set_label(name), items, p_a,
+                                     dis if lab.f.both_orders else None, probs, lab.cfg.run.seed))
+    return results
+
+
+def write_judge_check(out_dir: Path, cfg: Config, results: list[SetResult],
+                      seconds: float) -> dict[str, Any]:
+    """DIR/label/judge_check.json, a console table, a warning per set at chance, W&B."""
+    f = cfg.feedback
+    doc = {"labeller": (f.model or cfg.model).path, "method": f.method,
+           "both_orders": f.both_orders, "order_combine": f.order_combine,
+           "num_principles": f.num_principles,
+           "few_shot": f.few_shot, "principle_position": f.principle_position,
+           "chat_template": f.chat_template, "seconds": seconds,
+           "sets": {r.name: r.as_dict() for r in results}}
+    path = out_dir / "label" / "judge_check.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
+    log.info("judge check (%s, %.0f s):\n%s", doc["labeller"], seconds, judge_table(results))
+    for r in results:
+        if r.chance_in_interval:
+            log.warning("judge check: on %r the judge's 95%% interval [%.0f%%, %.0f%%] contains "
+                        "50%%: its labels on this kind of comparison are not distinguishable "
+                        "from chance", r.name, 100 * r.interval[0], 100 * r.interval[1])
+    tracker = Tracker(cfg.tracking, f"{cfg.run.name}-label", out_dir / "label", cfg.to_dict())
+    try:
+        tracker.log({f"judge/{r.name}/{k}": v for r in results for k, v in (
+            ("accuracy", r.accuracy), ("accuracy_lo", r.interval[0]),
+            ("accuracy_hi", r.interval[1]), ("ece", r.ece), ("lean_a", r.lean_a))
+            + ((("order_disagreement", r.order_disagreement),)
+               if r.order_disagreement is not None else ())}, step=0)
+    finally:
+        tracker.close()
+    return doc
+
+
+def run_judge_check(cfg: Config, out_dir: Path, sets: list[str] | None = None,
+                    limit: int | None = None) -> Path:
+    """`cai-ray judge-check`: measure the feedback model without labelling anything."""
+    sets = cfg.feedback.check_sets if sets is None else sets
+    for name in sets:
+        load_set(name)  # bad files stop here, before any actor starts
+    constitution = load_constitution(resolve_path(cfg.run.constitution))
+    lab = Labeller(cfg, constitution)
+    t0 = time.monotonic()
+    with ray_session(cfg):
+        fb = feedback_group(cfg)
+        try:
+            results = check_judge(lab, fb, sets, cfg.feedback.check_limit if limit is None
+                                  else limit)
+        finally:
+            fb.shutdown()
+    write_judge_check(out_dir, cfg, results, time.monotonic() - t0)
+    print(judge_table(results))
+    return out_dir / "label" / "judge_check.json"
 
 
 def policy_spec(cfg: Config, out_dir: Path) -> ModelSpec:
@@ -220,6 +307,9 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
         return [Problem(f"row {i}", f"principle id {pid!r} is not in the constitution", src)
                 for i, ids in enumerate(ds["principle_ids"]) for pid in ids if pid not in known]
 
+    for name in cfg.feedback.check_sets:
+        load_set(name)  # a bad check set stops here too
+    check_path = out_dir / "label" / "judge_check.json"
     flat = [(sh.name, sh.prompts) for sh in shards]
     done = store.verify(flat, check)
     todo = [sh for sh in shards if sh.name not in done]
@@ -236,6 +326,13 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
             fb: ActorGroup[FeedbackWorker] | None = None
             try:
                 fb = feedback_group(cfg)
+                if cfg.feedback.check_sets and not check_path.exists():
+                    for name in cfg.feedback.check_sets:
+                        load_set(name)
+                    tc = time.monotonic()
+                    write_judge_check(out_dir, cfg, check_judge(lab, fb, cfg.feedback.check_sets,
+                                                                cfg.feedback.check_limit),
+                                      time.monotonic() - tc)
                 with tqdm(total=sum(len(sh.prompts) for sh in todo), desc="AI feedback",
                           unit="pair") as bar:
                     for sh in todo:
@@ -263,6 +360,8 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
     stats = summarize(data)
     stats.update({"pairs_labelled_now": pairs_done, "seconds": secs,
                   "pairs_per_s": pairs_done / secs if pairs_done else None})
+    if check_path.exists():
+        stats["judge_check"] = json.loads(check_path.read_text())
     (out_dir / "label" / "metrics.json").write_text(json.dumps(stats, indent=2))
     log.info("labelling: %d comparisons -> %s; order disagreement %.1f%%", len(data), final,
              100 * stats["order_disagreement_rate"])
