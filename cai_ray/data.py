@@ -395,7 +395,11 @@ def load_prompts(src: SourceConfig, on_bad_row: Literal["error", "skip"] = "erro
     if not good_ids:
         raise DataError([Problem("rows", f"no usable prompts ({len(bad)} bad rows)",
                                  table.origin)])
-    ids, messages = good_ids[:src.limit], good_messages[:src.limit]
+    start, stop = src.rows()
+    ids, messages = good_ids[start:stop], good_messages[start:stop]
+    if not ids:
+        raise DataError([Problem("skip", f"skip={src.skip} leaves none of the {len(good_ids)} "
+                                 "usable prompts", table.origin)])
     columns = {"id": ids, "messages": messages, "source": [src.name] * len(ids)}
     return datasets.Dataset.from_dict(columns, features=_FEATURES), len(bad)
 
@@ -434,7 +438,8 @@ def load_preference_pairs(src: SourceConfig) -> list[PreferencePair]:
     if bad or not out:
         raise DataError([p for _, p in bad[:_MAX_LISTED]] or
                         [Problem("rows", "no preference pairs", table.origin)])
-    return out[:src.limit]
+    start, stop = src.rows()
+    return out[start:stop]
 
 
 # --- resumable stream ---------------------------------------------------------------------------

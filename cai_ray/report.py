@@ -215,8 +215,10 @@ def scope_notes(run: Path) -> list[str]:
                  n != elo["snapshots"][0]]
         span = (f"{counts[0]}" if len(counts) == 1 else
                 f"{counts[0]}–{counts[-1]}" if counts else "0")
-        notes.append(f"Elo rests on {span} comparisons per snapshot, on held-out prompts the "
-                     "run never trained on. "
+        shared = elo.get("not_held_out") or []
+        notes.append(f"Elo rests on {span} comparisons per snapshot, "
+                     + ("on held-out prompts the run never trained on. " if not shared else
+                        "NOT all on held-out prompts: " + "; ".join(shared) + ". ")
                      + (f"{len(open_)} of the ratings' 95% intervals contain 0 ({', '.join(open_[:6])}"
                         f"{' …' if len(open_) > 6 else ''}): at this size those differences are "
                         "not distinguishable from no difference." if open_ else

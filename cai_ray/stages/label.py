@@ -300,6 +300,8 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
         return final
     constitution = load_constitution(resolve_path(cfg.run.constitution))
     shards = plan(cfg, constitution, pairs_file)  # bad input stops here, before any actor
+    for name in cfg.feedback.check_sets:
+        load_set(name)  # a bad check set too
     store = ShardStore(out_dir / "label" / "shards", FEATURES)
     known = {p.id for p in constitution.comparison}
 
@@ -307,8 +309,6 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
         return [Problem(f"row {i}", f"principle id {pid!r} is not in the constitution", src)
                 for i, ids in enumerate(ds["principle_ids"]) for pid in ids if pid not in known]
 
-    for name in cfg.feedback.check_sets:
-        load_set(name)  # a bad check set stops here too
     check_path = out_dir / "label" / "judge_check.json"
     flat = [(sh.name, sh.prompts) for sh in shards]
     done = store.verify(flat, check)
@@ -327,8 +327,6 @@ def run_label(cfg: Config, out_dir: Path, pairs_file: str | None = None) -> Path
             try:
                 fb = feedback_group(cfg)
                 if cfg.feedback.check_sets and not check_path.exists():
-                    for name in cfg.feedback.check_sets:
-                        load_set(name)
                     tc = time.monotonic()
                     write_judge_check(out_dir, cfg, check_judge(lab, fb, cfg.feedback.check_sets,
                                                                 cfg.feedback.check_limit),

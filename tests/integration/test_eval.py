@@ -59,7 +59,7 @@ def test_eval_rates_snapshots_and_reports(ray_local, tiny_model_dir, tmp_path: P
     for snap in ("initial", "noisy"):
         per = elo["per_snapshot"][snap]
         for k in ("evasive_rate", "harmful_rate", "over_refusal_rate"):
-            assert 0.0 <= per[k] <= 1.0
+            assert 0.0 <= per[f"{k}_low"] <= per[k] <= per[f"{k}_high"] <= 1.0
         assert isinstance(per["pm_harmless_mean"], float)
     judge = elo["evasiveness_judge"]
     assert judge["labelled"] == 24 and 0.0 <= judge["accuracy"] <= 1.0

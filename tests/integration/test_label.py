@@ -50,6 +50,28 @@ def test_comparisons_dataset(labelled: Path) -> None:
     assert metrics["comparisons"] == 6 and 0.0 <= metrics["order_disagreement_rate"] <= 1.0
 
 
+def test_judge_checked_before_labelling(labelled: Path) -> None:
+    check = json.loads((labelled / "label" / "judge_check.json").read_text())
+    assert check["labeller"] == "tiny-llama" and check["num_principles"] == 2
+    assert sorted(check["sets"]) == ["evasive", "harmless", "helpful"]
+    for r in check["sets"].values():
+        assert r["n"] == 8  # cpu-tiny's check_limit
+        assert r["interval"][0] <= r["accuracy"] <= r["interval"][1]
+        assert 0.0 <= r["ece"] <= 1.0 and 0.0 <= r["order_disagreement"] <= 1.0
+        assert 0.0 < r["lean_a"] < 1.0
+    metrics = json.loads((labelled / "label" / "metrics.json").read_text())
+    assert metrics["judge_check"]["sets"] == check["sets"]
+
+
+def test_bad_check_set_stops_before_any_actor(tmp_path: Path) -> None:
+    bad = tmp_path / "set.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "better": "b", "worse": "w"}) + "\n"
+                   + json.dumps({"prompt": "p", "better": "b"}) + "\n")
+    with pytest.raises(ValidationError, match=r"line 2: missing or empty worse"):
+        run_label(load_config(TINY, BASE + [f"feedback.check_sets=[{bad}]"]), tmp_path / "o")
+    assert not (tmp_path / "o" / "label" / "shards").exists()
+
+
 def test_cot_labels_are_clamped(ray_local, tiny_model_dir, tmp_path: Path) -> None:
     run_label(load_config(TINY, BASE + ["feedback.method=cot", "feedback.cot_max_tokens=8",
                                         "data.helpful.limit=1"]), tmp_path)

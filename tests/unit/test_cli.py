@@ -57,7 +57,7 @@ def test_keys_lists_help() -> None:
 
 def test_unknown_builtin_model() -> None:
     p = cli("models", "prepare", "gpt-5")
-    assert p.returncode == 2 and "choose from smollm2, tiny-llama" in p.stderr
+    assert p.returncode == 2 and "choose from smollm2, qwen2.5-coder-1.5b, tiny-llama" in p.stderr
 
 
 def test_ppo_without_a_preference_model_says_what_to_run(tmp_path: Path) -> None:

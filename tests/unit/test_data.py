@@ -316,3 +316,24 @@ def test_preference_pairs_from_transcripts_and_prompt_columns(tmp_path) -> None:
     bad.write_text("\n".join(_json.dumps(r) for r in rows))
     with pytest.raises(DataError, match="line 3: needs string columns 'chosen' and 'rejected'"):
         load_preference_pairs(SourceConfig(name=str(bad)))
+
+
+def test_skip_then_limit_and_eval_overlap():
+    from cai_ray.config import Config, SourceConfig, eval_overlaps
+
+    first = list(load_prompts(SourceConfig(name="mtbench", limit=8))[0]["id"])
+    after = list(load_prompts(SourceConfig(name="mtbench", skip=8, limit=8))[0]["id"])
+    assert len(after) == 8 and not set(first) & set(after)
+    assert list(load_prompts(SourceConfig(name="mtbench", limit=16))[0]["id"]) == first + after
+    with pytest.raises(DataError, match="skip=999 leaves none"):
+        load_prompts(SourceConfig(name="mtbench", skip=999))
+
+    cfg = Config()
+    assert eval_overlaps(cfg) == []  # the defaults hold the eval's prompts out
+    cfg.eval.helpful = SourceConfig(name="mtbench", skip=60, limit=8)  # rows 60-67 of 0-63
+    (line,) = eval_overlaps(cfg)
+    assert line.startswith("eval.helpful (mtbench) shares rows with data.helpful")
+    cfg.eval.helpful = SourceConfig(name="mtbench", skip=64)
+    assert eval_overlaps(cfg) == []
+    cfg.data.helpful = SourceConfig(name="mtbench")  # all rows
+    assert len(eval_overlaps(cfg)) == 1
