@@ -1,14 +1,15 @@
 """The paper's labelling levers, each measured on the judge-check sets, on one engine.
 
     .venv/bin/python benchmarks/judge_levers.py [--model qwen2.5-coder-1.5b] \
-        [--sets harmless,evasive,helpful] [--levers base,one-order,...] [--limit N] [--json F]
+        [--sets harmless,evasive,helpful,hhh-dev] [--levers base,one-order,...] [--limit N] [--json F]
 
 Every lever is a change of the labelling settings against `base` (chat template, both orders,
-probability mean of the orders, one principle, no few-shot examples, principle before the options, log-prob method). Printed:
-accuracy with its 95% bootstrap interval per set, order disagreement, lean towards (A) and the
-seconds each lever took, so quality and cost sit side by side. The sets are the labelled ones the
-project ships; the hidden HHH-style evaluation is not among them, so choosing a lever here does
-not tune on it.
+probability mean of the orders, one principle, no few-shot examples, principle before the
+options, log-prob method); levers join with `+` (`principle-after+k4`). Printed: accuracy with
+its 95% bootstrap interval per set, order disagreement, lean towards (A) and the seconds each
+lever took, so quality and cost sit side by side. The sets are the labelled ones the project
+ships; the hidden HHH-style evaluation is not among them, so choosing a lever here does not
+tune on it.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def main() -> int:
     out: dict[str, object] = {"model": args.model, "dtype": dtype, "sets": sets, "levers": {}}
     try:
         for name in args.levers.split(","):
-            settings = {**BASE, **LEVERS[name]}
+            settings = dict(BASE)
+            for part in name.split("+"):  # levers combine: principle-after+k4
+                settings.update(LEVERS[part])
             chat = bool(settings.pop("chat_template"))
             cfg = Config()
             cfg = dataclasses.replace(cfg, feedback=dataclasses.replace(cfg.feedback, **settings))

@@ -101,10 +101,15 @@ def bench_a(args, res: dict) -> None:
     inst.llm.generate(ctx[:2], sp, use_tqdm=False)
     raw, _ = timed(lambda: inst.llm.generate(ctx, sp, use_tqdm=False), args.repeats,
                    inst.llm.reset_prefix_cache)
+    tokens = sum(len(c["prompt_token_ids"]) for c in ctx)
     res["a"] = {"ours_pairs_per_s": args.pairs / ours, "raw_prefill_pairs_per_s":
-                args.pairs / raw, "ratio": raw / ours}
-    print(f"(a) labelling {args.pairs / ours:.2f} pairs/s vs raw prefill {args.pairs / raw:.2f}"
-          f" pairs/s: ratio {raw / ours:.2f} (target >= 0.8)", flush=True)
+                args.pairs / raw, "ratio": raw / ours, "judgements": len(qs),
+                "ours_judgements_per_s": len(qs) / ours, "prompt_tokens": tokens,
+                "raw_prefill_tokens_per_s": tokens / raw}
+    print(f"(a) labelling {args.pairs / ours:.2f} pairs/s ({len(qs) / ours:.2f} judgements/s, "
+          f"both orders) vs raw prefill {args.pairs / raw:.2f} pairs/s ({tokens / raw:.0f} "
+          f"prompt tokens/s, {tokens / len(qs):.0f} per judgement): ratio {raw / ours:.2f} "
+          "(target >= 0.8)", flush=True)
     bench_rest(args, res, j)
     j.shutdown()
 
@@ -191,7 +196,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--pairs", type=int, default=32)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="engine dtype (default: the hardware's choice, float32 without native "
+                    "bfloat16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--block-size", type=int, default=32, help="KV block size: prefix caching "
@@ -200,6 +207,10 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.dtype is None:
+        from cai_ray.hardware import dtype_name
+
+        args.dtype = dtype_name("auto", "cpu")
     res: dict = {"model": args.model, "pairs": args.pairs, "dtype": args.dtype}
     bench_a(args, res)
     if args.json:

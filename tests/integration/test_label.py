@@ -104,3 +104,20 @@ def test_pairs_file_without_response_b(tmp_path: Path) -> None:
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"{f}: line 2: missing or empty response_b" in p.stderr
     assert not (tmp_path / "out" / "label").exists()
+
+
+def test_judge_check_command(tiny_model_dir, tmp_path: Path) -> None:
+    own = tmp_path / "mine.jsonl"
+    own.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "better": "A real answer.",
+                                         "worse": "No.", "aspect": "helpful"})
+                             for i in range(3)) + "\n")
+    p = subprocess.run([sys.executable, "-m", "cai_ray.cli", "judge-check", "--config", str(TINY),
+                        "--output", str(tmp_path / "out"), "--sets", f"harmless,{own}",
+                        "--limit", "4", "feedback.few_shot=0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    check = json.loads((tmp_path / "out" / "label" / "judge_check.json").read_text())
+    assert check["sets"]["harmless"]["n"] == 4 and check["sets"]["mine"]["n"] == 3
+    assert check["few_shot"] == 0
+    assert "harmless" in p.stdout and "95% interval" in p.stdout
+    assert not (tmp_path / "out" / "label" / "comparisons").exists()  # labels nothing
