@@ -73,6 +73,29 @@ def engine_kwargs(model: ModelSpec, engine: EngineConfig, device: str, seed: int
     return {k: v for k, v in kw.items() if v is not None}
 
 
+class _DtypeCastFilter(logging.Filter):
+    """vLLM warns once per tensor when float32 checkpoints load into a bf16/fp16 engine (a
+    deliberate cast here: `dtype: auto` on a bf16 CPU), hundreds of lines per engine start.
+    Those records are dropped; one line says it instead. Every other warning passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Attempted to load weight %s with dtype %s into"):
+            self.dropped += 1
+            return False
+        return True
+
+
+def _quiet_dtype_casts() -> _DtypeCastFilter:
+    f = _DtypeCastFilter()
+    for h in logging.getLogger("vllm").handlers + logging.getLogger().handlers:
+        h.addFilter(f)
+    return f
+
+
 class RolloutWorker(Worker):
     """Hosts a vLLM `LLM`; `generate` maps typed requests to typed results."""
 
@@ -84,10 +107,14 @@ class RolloutWorker(Worker):
             os.environ.setdefault(k, v)
         from vllm import LLM
 
+        casts = _quiet_dtype_casts()
         t0 = time.monotonic()
         # A distinct seed per rank: identical engines would otherwise sample identical text.
         self.llm = LLM(**engine_kwargs(model, engine, self.device, seed + ctx.rank,
                                        **self.extra_engine_args()))
+        if casts.dropped:
+            log.info("%s[%d]: %d checkpoint tensors cast to the engine's %s on load", ctx.role,
+                     ctx.rank, casts.dropped, engine.dtype)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
         warm_s = self._warm_up()
