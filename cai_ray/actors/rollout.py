@@ -67,6 +67,12 @@ def engine_kwargs(model: ModelSpec, engine: EngineConfig, device: str, seed: int
     }
     if engine.block_size is not None:
         kw["block_size"] = engine.block_size
+    if device == "cpu":
+        # vLLM's CPU runner cannot split a seeded request's prefill over engine steps: when a
+        # batch's prompts exceed the step's token budget, rewinding the request's generator
+        # fails ("CPU Generator does not use offset"). Whole prompts per step avoid it (the
+        # budget then covers max_model_len); every sampling request here is seeded.
+        kw["enable_chunked_prefill"] = False
     if device == "cuda":
         kw["tensor_parallel_size"] = engine.tensor_parallel_size
         kw["gpu_memory_utilization"] = engine.gpu_memory_utilization

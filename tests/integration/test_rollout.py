@@ -52,6 +52,21 @@ def test_same_seed_same_sample_across_actors(rollout) -> None:
     assert a == b  # a per-request seed makes sampling reproducible whichever actor serves it
 
 
+def test_seeded_prompts_over_one_step_budget(rollout) -> None:
+    """Six long prompts (each under max_model_len) outgrow vLLM's CPU step budget (4096 tokens). A seeded request
+    whose prefill is split over steps crashed the CPU engine ("CPU Generator does not use
+    offset"); each prompt is now prefilled whole, and its sample is the one it gets alone."""
+    text = " ".join(f"word{i}" for i in range(170))
+    reqs = [GenerationRequest(request_id=f"long{i}", messages=[{"role": "user",
+                              "content": f"{i}: {text}"}], temperature=1.0, max_tokens=4,
+                              ignore_eos=True, seed=100 + i) for i in range(6)]
+    together = rollout.call(0, RolloutWorker.generate, reqs)
+    assert sum(len(r.prompt_token_ids) for r in together) > 4096
+    assert all(len(r.prompt_token_ids) < 2048 for r in together)
+    alone = rollout.call(0, RolloutWorker.generate, [reqs[5]])[0]
+    assert alone.completions[0].token_ids == together[5].completions[0].token_ids
+
+
 def test_sample_command_end_to_end(tiny_model_dir, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
