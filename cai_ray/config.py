@@ -444,10 +444,18 @@ class EvalConfig:
     temperature: float = option(0.0, "sampling temperature of evaluated responses (0 = greedy)",
                                 non_negative)
     judge: bool = option(True, "compare snapshots with the feedback model (AI judge)")
+    judge_elo: list[str] = option(
+        help="aspects whose Elo the judge rates from pairwise comparisons (harmless, helpful); "
+        "the judged harmful/evasive/over-refusal rates are computed whatever this holds",
+        factory=lambda: ["harmless", "helpful"])
     pm: bool = option(True, "compare snapshots by preference-model scores (needs DIR/rm/model)")
     bootstrap: int = option(200, "bootstrap resamples for the 95% Elo intervals", positive)
     live_prompts: int = option(8, "prompts per aspect in the PM Elo taken during PPO "
                                "(every ppo.eval_every steps)", positive)
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [(f"judge_elo[{i}]", f"{a!r} is not an aspect: harmless or helpful")
+                for i, a in enumerate(self.judge_elo) if a not in ("harmless", "helpful")]
 
 
 @dataclass

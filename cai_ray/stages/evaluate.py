@@ -196,7 +196,7 @@ class Evaluation:
             fb = feedback_group(cfg)
             try:
                 lab = Labeller(cfg, self.constitution)
-                for aspect in ("harmless", "helpful"):
+                for aspect in e.judge_elo:
                     comps = []
                     queries, index = [], []
                     for i, j in pairs:
