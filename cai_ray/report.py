@@ -235,6 +235,47 @@ def scope_notes(run: Path) -> list[str]:
     return notes
 
 
+def before_after(run: Path, elo: dict[str, Any], count: int = 10) -> str:
+    """The first `count` held-out red-team prompts of the eval (its order, not picked), each
+    with the first snapshot's answer and the last one's, and the judge's verdicts on them."""
+    names = elo.get("snapshots", [])
+    path = run / "eval" / "responses.jsonl"
+    if len(names) < 2 or not path.exists():
+        return ""
+    first, last = names[0], names[-1]
+    answers: dict[str, dict[str, dict[str, Any]]] = {first: {}, last: {}}
+    order: list[str] = []
+    for r in _jsonl(path):
+        if r.get("set") == "harmless" and r.get("snapshot") in answers:
+            answers[r["snapshot"]][r["prompt_id"]] = r
+            if r["snapshot"] == first:
+                order.append(r["prompt_id"])
+    ids = [i for i in order if i in answers[last]][:count]
+    if not ids:
+        return ""
+    verdicts = elo.get("verdicts", {})
+
+    def verdict(snap: str, pid: str) -> str:
+        said = [rate for rate in ("harmful", "evasive")
+                if verdicts.get(snap, {}).get(rate, {}).get(pid) == 1.0]
+        judged = any(pid in verdicts.get(snap, {}).get(rate, {}) for rate in ("harmful", "evasive"))
+        return ("judged " + (" and ".join(said) if said else "neither harmful nor evasive")
+                if judged else "")
+
+    def answer(snap: str, pid: str) -> str:
+        v = verdict(snap, pid)
+        return (f"<td><pre>{html.escape(answers[snap][pid]['response'])}</pre>"
+                + (f"<br><i>{html.escape(v)}</i>" if v else "") + "</td>")
+
+    rows = "".join(f"<tr><td><pre>{html.escape(answers[first][pid]['prompt'])}</pre></td>"
+                   f"{answer(first, pid)}{answer(last, pid)}</tr>" for pid in ids)
+    return (f"<h2>Before and after: {len(ids)} held-out red-team prompts</h2>"
+            f"<p>The eval's first {len(ids)} red-team prompts in its own order, answered by "
+            f"{html.escape(first)} and by {html.escape(last)}.</p>"
+            "<table class='samples'><tr><th>prompt</th>"
+            f"<th>{html.escape(first)}</th><th>{html.escape(last)}</th></tr>{rows}</table>")
+
+
 def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     out = run / "report"
@@ -267,6 +308,9 @@ def write_report(run_dir: str | Path) -> Path:
             "<h3>Evasiveness, over-refusal, harm</h3>" + jtxt +
             _table(["snapshot"] + extra_keys,
                    [[n] + [per[n].get(k, "") for k in extra_keys] for n in elo["snapshots"]]))
+        samples = before_after(run, elo)
+        if samples:
+            sections.append(samples)
     ppo_rows = [r for r in _jsonl(run / "ppo" / "metrics.jsonl") if "reward/score_mean" in r]
     if ppo_rows:
         sections.append(f'<h2>PPO</h2><img src="report/{ppo_plot(ppo_rows, out).name}" '
@@ -315,7 +359,9 @@ def write_report(run_dir: str | Path) -> Path:
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>cai-ray report</title>"
             "<style>body{font-family:sans-serif;max-width:1150px;margin:2em auto}"
             "img{max-width:100%;margin:0.5em 0}table{border-collapse:collapse;margin:0.5em 0}"
-            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head>"
+            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+            ".samples td{text-align:left;vertical-align:top;width:33%}"
+            "pre{white-space:pre-wrap;margin:0;font-family:inherit}</style></head>"
             f"<body><h1>cai-ray report: {html.escape(run.name)}</h1>"
             + "".join(sections) + "</body></html>")
     path = run / "report.html"

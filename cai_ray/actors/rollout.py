@@ -79,24 +79,42 @@ def engine_kwargs(model: ModelSpec, engine: EngineConfig, device: str, seed: int
     return {k: v for k, v in kw.items() if v is not None}
 
 
-class _DtypeCastFilter(logging.Filter):
-    """vLLM warns once per tensor when float32 checkpoints load into a bf16/fp16 engine (a
-    deliberate cast here: `dtype: auto` on a bf16 CPU), hundreds of lines per engine start.
-    Those records are dropped; one line says it instead. Every other warning passes."""
+# vLLM warnings about choices this project makes on purpose, each explained where it is made:
+# eager mode and no Triton/Inductor on CPU, the thread count it sets, chunked prefill off on
+# CPU (see `engine_kwargs`), the per-request seeds it always passes. They are dropped from the
+# console unless VLLM_LOGGING_LEVEL asks for INFO or DEBUG; every other warning passes.
+_DELIBERATE = (
+    "OMP_NUM_THREADS=%s is set; leaving Torch threads",
+    "CPU backend doesn't allow to use `torch.set_num_threads`",
+    "This model does not officially support disabling chunked prefill",
+    "Enforce eager set, disabling torch.compile",
+    "Inductor compilation was disabled by user settings",
+    "Model Runner V2 requires Triton",
+    "The global random seed is set to",
+)
 
-    def __init__(self) -> None:
+
+class _EngineNoiseFilter(logging.Filter):
+    """Drops two kinds of vLLM records: the per-tensor warning when float32 checkpoints load
+    into a bf16/fp16 engine (a deliberate cast under `dtype: auto` on a bf16 CPU; hundreds of
+    lines per start, counted and said once instead), and the `_DELIBERATE` warnings."""
+
+    def __init__(self, deliberate: bool) -> None:
         super().__init__()
         self.dropped = 0
+        self.deliberate = deliberate
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Attempted to load weight %s with dtype %s into"):
+        msg = str(record.msg)
+        if msg.startswith("Attempted to load weight %s with dtype %s into"):
             self.dropped += 1
             return False
-        return True
+        return not (self.deliberate and msg.startswith(_DELIBERATE))
 
 
-def _quiet_dtype_casts() -> _DtypeCastFilter:
-    f = _DtypeCastFilter()
+def _quiet_engine() -> _EngineNoiseFilter:
+    asked = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper() in ("INFO", "DEBUG")
+    f = _EngineNoiseFilter(deliberate=not asked)
     for h in logging.getLogger("vllm").handlers + logging.getLogger().handlers:
         h.addFilter(f)
     return f
@@ -113,7 +131,7 @@ class RolloutWorker(Worker):
             os.environ.setdefault(k, v)
         from vllm import LLM
 
-        casts = _quiet_dtype_casts()
+        casts = _quiet_engine()
         t0 = time.monotonic()
         # A distinct seed per rank: identical engines would otherwise sample identical text.
         self.llm = LLM(**engine_kwargs(model, engine, self.device, seed + ctx.rank,

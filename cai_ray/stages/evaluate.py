@@ -213,18 +213,27 @@ class Evaluation:
                         at += n
                     result["elo"][f"judge/{aspect}"] = self._elo(comps, len(names))
                 result["evasiveness_judge"] = self.check_evasiveness_judge(fb)
+                # the judge's verdict on each answer, by snapshot, rate and prompt id (the
+                # report's before/after samples show them)
+                verdicts: dict[str, dict[str, dict[str, float]]] = {}
                 for n in names:
                     per = result["per_snapshot"][n]
-                    per.update(rate_with_interval("evasive_rate", self.yes_rate(
-                        fb, "harmless", resp[n]["harmless"], EVASIVE_QUESTION, EVASIVE_YES,
-                        EVASIVE_NO, f"ev|{n}"), cfg.run.seed))
-                    per.update(rate_with_interval("harmful_rate", self.yes_rate(
-                        fb, "harmless", resp[n]["harmless"], HARMFUL_QUESTION, HARMFUL_YES,
-                        HARMFUL_NO, f"harm|{n}"), cfg.run.seed))
-                    if "over_refusal" in resp[n]:
-                        per.update(rate_with_interval("over_refusal_rate", self.yes_rate(
-                            fb, "over_refusal", resp[n]["over_refusal"], EVASIVE_QUESTION,
-                            EVASIVE_YES, EVASIVE_NO, f"or|{n}"), cfg.run.seed))
+                    mine = verdicts[n] = {}
+                    for rate, set_name, q, yes, no, key in (
+                            ("evasive", "harmless", EVASIVE_QUESTION, EVASIVE_YES, EVASIVE_NO,
+                             "ev"),
+                            ("harmful", "harmless", HARMFUL_QUESTION, HARMFUL_YES, HARMFUL_NO,
+                             "harm"),
+                            ("over_refusal", "over_refusal", EVASIVE_QUESTION, EVASIVE_YES,
+                             EVASIVE_NO, "or")):
+                        if set_name not in resp[n]:
+                            continue
+                        v = self.yes_rate(fb, set_name, resp[n][set_name], q, yes, no,
+                                          f"{key}|{n}")
+                        per.update(rate_with_interval(f"{rate}_rate", v, cfg.run.seed))
+                        mine[rate] = {p.id: x for p, x in zip(self.prompts[set_name], v,
+                                                              strict=True)}
+                result["verdicts"] = verdicts
             finally:
                 fb.shutdown()
         if self.pm is not None:

@@ -136,3 +136,9 @@ def test_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
     cfg = load_config(f, ["reward.lr=2E-5"])
     assert cfg.trainer.lr == 5e-4 and cfg.reward.lr == 2e-5
     assert problems_of(f, ["trainer.lr=5e-x"])[0].path == "trainer.lr"
+
+
+def test_eval_judge_elo_takes_aspects_only() -> None:
+    assert load_config(None, ["eval.judge_elo=[helpful]"]).eval.judge_elo == ["helpful"]
+    with pytest.raises(ValidationError, match=r"eval\.judge_elo\[1\].*'harmful' is not an aspect"):
+        load_config(None, ["eval.judge_elo=[helpful,harmful]"])

@@ -71,3 +71,33 @@ def test_report_says_what_a_run_of_its_size_can_and_cannot_show(tmp_path: Path) 
     assert "feedback model is the policy model itself (smollm2)" in page
     assert "1 of the ratings&#x27; 95% intervals contain 0 (judge/harmless/sl)" in page
     assert "PPO ran 2 steps" in page and "50% of its responses ran out of tokens" in page
+
+
+def test_report_shows_ten_before_after_samples_in_eval_order(tmp_path: Path) -> None:
+    names = ["initial", "sl", "ppo"]
+    elo = {"snapshots": names,
+           "elo": {"pm/harmless": {n: _rating(10.0 * k, 12) for k, n in enumerate(names)}},
+           "per_snapshot": {n: {"harmful_rate": 0.5} for n in names},
+           "verdicts": {"initial": {"harmful": {f"p{i}": 1.0 for i in range(12)},
+                                    "evasive": {f"p{i}": 0.0 for i in range(12)}},
+                        "ppo": {"harmful": {f"p{i}": float(i % 2) for i in range(12)},
+                                "evasive": {f"p{i}": 1.0 if i == 2 else 0.0 for i in range(12)}}}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "elo.json").write_text(json.dumps(elo))
+    rows = [{"snapshot": n, "set": s, "prompt_id": f"p{i}", "prompt": f"<ask {i}>",
+             "response": f"{n} answer {i}"}
+            for n in names for s in ("harmless", "helpful") for i in reversed(range(12))]
+    (tmp_path / "eval" / "responses.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(tmp_path).read_text()
+    assert "Before and after: 10 held-out red-team prompts" in page
+    section = page[page.index("Before and after"):]
+    # the eval's own order (p11 first), ten of twelve, initial against the last snapshot
+    shown = [i for i in range(12) if f"&lt;ask {i}&gt;" in section]
+    assert shown == list(range(2, 12))
+    assert section.index("&lt;ask 11&gt;") < section.index("&lt;ask 2&gt;")
+    assert "initial answer 5" in section and "ppo answer 5" in section
+    assert "sl answer" not in section
+    assert "judged harmful</i>" in section           # initial, every prompt
+    assert "judged neither harmful nor evasive" in section  # ppo on even prompts
+    assert "judged evasive" in section               # ppo on p2

@@ -1,0 +1,39 @@
+"""vLLM's console output: warnings about the project's deliberate engine choices are dropped
+unless VLLM_LOGGING_LEVEL asks for them; per-tensor dtype casts are counted; others pass."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from cai_ray.actors import rollout
+from cai_ray.actors.rollout import _EngineNoiseFilter
+
+
+def _record(msg: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("vllm.engine", logging.WARNING, __file__, 1, msg, args, None)
+
+
+def test_deliberate_warnings_dropped_others_kept() -> None:
+    f = _EngineNoiseFilter(deliberate=True)
+    assert not f.filter(_record("This model does not officially support disabling chunked "
+                                "prefill. Disabling this manually may cause the engine to crash"))
+    assert not f.filter(_record("OMP_NUM_THREADS=%s is set; leaving Torch threads at %d for "
+                                "serving.", "2", 2))
+    assert not f.filter(_record("Attempted to load weight %s with dtype %s into %s", "w", "a", "b"))
+    assert f.dropped == 1  # only casts are counted
+    assert f.filter(_record("KV cache is full; preempting request %s", "r1"))
+    assert f.filter(_record("Something else went wrong"))
+
+
+@pytest.mark.parametrize("level,kept", [("WARNING", False), ("info", True), ("DEBUG", True)])
+def test_asking_for_engine_logs_keeps_them(monkeypatch, level: str, kept: bool) -> None:
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", level)
+    handler = logging.Handler()
+    monkeypatch.setattr(logging.getLogger("vllm"), "handlers", [handler])
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    f = rollout._quiet_engine()
+    assert handler.filters == [f]
+    assert f.filter(_record("Enforce eager set, disabling torch.compile")) is kept
+    assert f.filter(_record("Attempted to load weight %s with dtype %s into", "w", "a")) is False
