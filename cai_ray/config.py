@@ -487,6 +487,9 @@ class Config:
         if self.rollout.sampling.max_new_tokens >= self.trainer.max_length:
             out.append(("trainer.max_length", "must exceed rollout.sampling.max_new_tokens "
                         f"({self.rollout.sampling.max_new_tokens})"))
+        if self.trainer.optimizer == "fused_adam" and self.run.device == "cpu":
+            out.append(("trainer.optimizer", "fused_adam is a CUDA kernel; on run.device=cpu "
+                        "use adamw or cpu_adam"))
         tp = self.rollout.engine.tensor_parallel_size
         if tp > 1 and self.placement.rollout.num_gpus < tp:
             out.append(("placement.rollout.num_gpus", f"tensor_parallel_size={tp} needs >= {tp} "

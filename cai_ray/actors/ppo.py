@@ -27,6 +27,7 @@ from cai_ray.actors.reward import TokenValueModel, load_reward_model
 from cai_ray.actors.trainer import (
     Sequence,
     TrainerWorker,
+    build_optimizer,
     ds_config,
     load_weights_only,
     pack_sequences,
@@ -80,8 +81,7 @@ class PPOTrainerWorker(TrainerWorker):
 
             dtype = torch_dtype(self.cfg.dtype)
             value = load_reward_model(self.critic_spec, dtype, TokenValueModel)
-            opt = torch.optim.AdamW(value.parameters(), lr=self.ppo.critic_lr or self.cfg.lr,
-                                    weight_decay=self.cfg.weight_decay)
+            opt = build_optimizer(value.parameters(), self.cfg, self.ppo.critic_lr or self.cfg.lr)
             self.critic, *_ = deepspeed.initialize(
                 model=value, optimizer=opt,
                 config=ds_config(self.cfg, total_steps, self.ctx.world_size, self.grad_accum))

@@ -136,6 +136,34 @@ def ds_config(t: TrainerConfig, total_steps: int, world_size: int,
     return cfg
 
 
+def node_ip() -> str:
+    """This node's IP as Ray reports it; 127.0.0.1 outside a Ray worker."""
+    try:
+        import ray
+    except ImportError:
+        return "127.0.0.1"
+    if not ray.is_initialized():
+        return "127.0.0.1"
+    return str(ray.util.get_node_ip_address())
+
+
+def build_optimizer(params: Any, t: TrainerConfig, lr: float) -> Any:
+    """The optimizer `trainer.optimizer` names: torch AdamW, or DeepSpeed's FusedAdam (CUDA) or
+    DeepSpeedCPUAdam (parameters on the CPU, e.g. ZeRO-Offload), which JIT-build on first use.
+    All three are AdamW with the same learning rate, betas and (decoupled) weight decay."""
+    if t.optimizer == "fused_adam":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, lr=lr, weight_decay=t.weight_decay, adam_w_mode=True)
+    if t.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=t.weight_decay, adamw_mode=True)
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+
+
 class DistributedWorker(Worker):
     """A rank of a torch.distributed group (DeepSpeed on top). The driver asks rank 0 for an
     address, then calls the subclass's `setup` on every rank at once, which joins here."""
@@ -144,8 +172,11 @@ class DistributedWorker(Worker):
     comm_backend: str
 
     def address(self) -> tuple[str, int]:
-        """(host, free port) for the process group's rendezvous; asked of rank 0."""
-        return socket.gethostbyname(socket.gethostname()), free_port()
+        """(host, free port) for the process group's and the weight group's rendezvous; asked
+        of rank 0. The host is the node's IP as Ray knows it: the hostname's address is
+        127.0.1.1 on stock Debian/Ubuntu, which no other node can reach. Outside Ray (the
+        in-process mode, one machine) it is the loopback address."""
+        return node_ip(), free_port()
 
     def join_group(self, master_addr: str, master_port: int) -> None:
         import deepspeed
@@ -234,8 +265,7 @@ class TrainerWorker(DistributedWorker):
             trust_remote_code=self.spec.trust_remote_code)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr,
-                                weight_decay=self.cfg.weight_decay)
+        opt = build_optimizer(model.parameters(), self.cfg, self.cfg.lr)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=opt,
             config=ds_config(self.cfg, total_steps, self.ctx.world_size, self.grad_accum))
