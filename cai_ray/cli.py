@@ -233,7 +233,7 @@ def _run_stages(args: argparse.Namespace, build: Callable[[Any, Path], list[Stag
     from cai_ray.config import load_config
     from cai_ray.hardware import resolve_dtypes
     from cai_ray.resources import PeakRSS
-    from cai_ray.runtime import prepare_run_dir, ray_session, setup_logging
+    from cai_ray.runtime import check_shared_output, prepare_run_dir, ray_session, setup_logging
 
     cfg = load_config(args.config, args.overrides)
     if precheck is not None:
@@ -243,6 +243,7 @@ def _run_stages(args: argparse.Namespace, build: Callable[[Any, Path], list[Stag
     out = prepare_run_dir(cfg, args.output)
     times = {}
     with PeakRSS() as mem, ray_session(cfg):
+        check_shared_output(out)  # a multi-node run on unshared storage stops here
         for name, fn in build(cfg, out):
             t0 = time.monotonic()
             log.info("=== stage %s ===", name)

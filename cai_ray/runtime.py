@@ -104,3 +104,63 @@ def ray_session(cfg: Config) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+class SharedStorageError(RuntimeError):
+    """The run directory is not the same directory on every node of the cluster."""
+
+
+def _write_probe(path: str, name: str, nonce: str) -> str:
+    import socket
+
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text(nonce, encoding="utf-8")
+    return socket.gethostname()
+
+
+def unseen_probes(probe_dir: Path, written: dict[str, tuple[str, str]]) -> list[str]:
+    """Hosts whose probe (file name → (host, nonce)) the driver cannot read back as written."""
+    out = []
+    for name, (host, nonce) in written.items():
+        f = probe_dir / name
+        if not f.is_file() or f.read_text(encoding="utf-8") != nonce:
+            out.append(host)
+    return out
+
+
+def check_shared_output(out_dir: Path, timeout_s: float = 120.0,
+                        writer: Callable[[str, str, str], str] = _write_probe) -> int:
+    """On a cluster of several nodes, one zero-CPU task per alive node writes a probe file under
+    `out_dir` and the driver reads them all back: a run directory that is not shared storage
+    (checkpoints written on one node, read by `--resume` or the eval on another) stops the run
+    here, before any actor starts. Returns the number of nodes checked (0: local or one node)."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        return 0
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return 0
+    probe_dir = out_dir / ".node-probe"
+    nonce = uuid.uuid4().hex
+    write = ray.remote(num_cpus=0)(writer)
+    refs = {n["NodeID"]: write.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(str(probe_dir), n["NodeID"], nonce) for n in nodes}
+    hosts = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
+    try:
+        missing = unseen_probes(probe_dir, {k: (hosts[k], nonce) for k in refs})
+    finally:
+        for k in refs:
+            (probe_dir / k).unlink(missing_ok=True)
+    if missing:
+        raise SharedStorageError(
+            f"{out_dir} is not shared storage: files written there on {', '.join(missing)} "
+            "are not visible to the driver. Put --output on a filesystem every node mounts at "
+            "the same path (NFS, EFS, a ReadWriteMany volume): the trainer's checkpoints, "
+            "--resume and the eval read each other's files.")
+    log.info("run directory %s is shared by all %d nodes", out_dir, len(nodes))
+    return len(nodes)
