@@ -490,10 +490,16 @@ class Config:
         if self.trainer.optimizer == "fused_adam" and self.run.device == "cpu":
             out.append(("trainer.optimizer", "fused_adam is a CUDA kernel; on run.device=cpu "
                         "use adamw or cpu_adam"))
-        tp = self.rollout.engine.tensor_parallel_size
-        if tp > 1 and self.placement.rollout.num_gpus < tp:
-            out.append(("placement.rollout.num_gpus", f"tensor_parallel_size={tp} needs >= {tp} "
-                        f"GPUs per rollout actor, got {self.placement.rollout.num_gpus}"))
+        for role, engine in (("rollout", self.rollout.engine),
+                             ("feedback", self.feedback.engine)):
+            if engine.tensor_parallel_size > 1:
+                out.append((f"{role}.engine.tensor_parallel_size", "engines of more than one "
+                            "GPU are not supported: inside the actor's placement bundle vLLM "
+                            "starts its Ray executor, which refuses a bundle holding more than "
+                            "one GPU; run more engines of one GPU each (placement."
+                            f"{role}.num_actors) instead"))
+        if self.run.device in ("cpu", "cuda"):
+            out += weight_sync_problems(self, self.run.device)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -505,6 +511,44 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def shared_gpu_reason(cfg: Config) -> str | None:
+    """Why trainer rank 0 and a rollout engine may sit on one GPU (NCCL refuses two ranks of
+    one communicator on a device: "Duplicate GPU detected"), or None when each has its own."""
+    pl = cfg.placement
+    for group in pl.colocate:
+        if "trainer" in group and "rollout" in group:
+            return "placement.colocate puts the trainer and the rollout engines on shared bundles"
+    for role in ("trainer", "rollout"):
+        g = getattr(pl, role).num_gpus
+        if 0 < g < 1:
+            return (f"placement.{role}.num_gpus={g} is a fraction: Ray may put it on a GPU "
+                    "another role uses")
+    return None
+
+
+def weight_transport(cfg: Config, device: str) -> str:
+    """The weight-sync transport a run uses on `device` ("cpu" or "cuda"): the configured one,
+    or for `auto` NCCL on GPU when no two of its ranks can share a device, else the object
+    store. `weight_sync_problems` refuses an explicit choice that cannot work."""
+    w = cfg.ppo.weight_sync
+    if w != "auto":
+        return w
+    return "nccl" if device == "cuda" and shared_gpu_reason(cfg) is None else "object_store"
+
+
+def weight_sync_problems(cfg: Config, device: str) -> list[tuple[str, str]]:
+    if cfg.ppo.weight_sync != "nccl":
+        return []
+    if device != "cuda":
+        return [("ppo.weight_sync", "nccl needs CUDA devices; the run is on the CPU (use auto "
+                 "or object_store)")]
+    why = shared_gpu_reason(cfg)
+    if why:
+        return [("ppo.weight_sync", f"nccl cannot work here: {why}, and NCCL refuses two "
+                 "ranks of one group on one GPU (use auto or object_store)")]
+    return []
 
 
 def rl_sampling_problems(cfg: Config) -> list[Problem]:

@@ -56,7 +56,13 @@ from cai_ray.algorithms.ppo import (
     token_rewards,
 )
 from cai_ray.checkpoint import Checkpoints, rewind_jsonl
-from cai_ray.config import Config, ModelSpec, rl_sampling_problems
+from cai_ray.config import (
+    Config,
+    ModelSpec,
+    rl_sampling_problems,
+    weight_sync_problems,
+    weight_transport,
+)
 from cai_ray.configschema import Problem, ValidationError
 from cai_ray.data import PromptStream, load_prompts
 from cai_ray.hardware import dtype_name
@@ -260,8 +266,10 @@ class PPORun:
         self.kl = (AdaptiveKLController(p.kl_coef, p.target_kl) if p.adaptive_kl
                    else FixedKLController(p.kl_coef))
         self.device = device_of(cfg)
-        self.transport = p.weight_sync if p.weight_sync != "auto" else (
-            "nccl" if self.device == "cuda" else "object_store")
+        bad = weight_sync_problems(cfg, self.device)  # run.device auto, resolved here
+        if bad:
+            raise ValidationError("weight sync", [Problem(k, m, "config") for k, m in bad])
+        self.transport = weight_transport(cfg, self.device)
         # float32 on both sides agrees to ~1e-6. In bfloat16 the engine's and the trainer's
         # kernels round differently (max |diff| ~0.5 on SmolLM2), so the bound is set from the
         # noise floor measured before the first update (identical weights): 4× it.
@@ -321,9 +329,6 @@ class PPORun:
             self._join_nccl()
 
     def _join_nccl(self) -> None:
-        if self.cfg.rollout.engine.tensor_parallel_size != 1:
-            raise ValueError("ppo.weight_sync=nccl supports tensor_parallel_size=1 engines; "
-                             "use weight_sync=object_store")
         host, port = self.trainer.call(0, PPOTrainerWorker.address)
         world = 1 + self.rollout.num_actors
         pend: list[Pending[Any]] = [self.trainer.submit(r, PPOTrainerWorker.join_weight_group,
