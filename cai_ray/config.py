@@ -231,8 +231,10 @@ class PPOConfig:
                                      positive)
     reward_model: str | None = option(None, "trained preference model directory; null = "
                                       "DIR/rm/model of this run")
-    weight_sync: Literal["auto", "object_store", "nccl"] = option(
-        "auto", "trainer→rollout weight transport; auto: nccl on GPU, object store on CPU")
+    weight_sync: Literal["auto", "object_store", "collective"] = option(
+        "auto", "trainer→rollout weight transport: object_store (Ray's, in buckets) or "
+        "collective (a broadcast group of trainer rank 0 and the engines: NCCL on GPU, gloo on "
+        "CPU); auto: collective on GPU where no two of its ranks share a GPU, else object_store")
     sync_bucket_mb: float = option(64.0, "object-store weight-sync bucket size (MiB)", positive)
     sync_tolerance: float | None = option(
         None, "largest allowed |vLLM − trainer| log-prob on the probe after a sync; null = "
@@ -535,19 +537,20 @@ def weight_transport(cfg: Config, device: str) -> str:
     w = cfg.ppo.weight_sync
     if w != "auto":
         return w
-    return "nccl" if device == "cuda" and shared_gpu_reason(cfg) is None else "object_store"
+    return ("collective" if device == "cuda" and shared_gpu_reason(cfg) is None
+            else "object_store")
 
 
 def weight_sync_problems(cfg: Config, device: str) -> list[tuple[str, str]]:
-    if cfg.ppo.weight_sync != "nccl":
+    """An explicit `collective` sync that cannot work: on GPU its backend is NCCL, which
+    refuses two ranks of one group on one device (on CPU it is gloo, which has no such
+    limit)."""
+    if cfg.ppo.weight_sync != "collective" or device != "cuda":
         return []
-    if device != "cuda":
-        return [("ppo.weight_sync", "nccl needs CUDA devices; the run is on the CPU (use auto "
-                 "or object_store)")]
     why = shared_gpu_reason(cfg)
     if why:
-        return [("ppo.weight_sync", f"nccl cannot work here: {why}, and NCCL refuses two "
-                 "ranks of one group on one GPU (use auto or object_store)")]
+        return [("ppo.weight_sync", f"collective (NCCL on GPU) cannot work here: {why}, and "
+                 "NCCL refuses two ranks of one group on one GPU (use auto or object_store)")]
     return []
 
 

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,11 @@ from cai_ray.actors.trainer import (
 from cai_ray.actors.weight_sync import (
     Named,
     TensorMeta,
+    WeightChannel,
     WeightExport,
     checksum,
-    cut_buckets,
     export_names,
     named_tensors,
-    nccl_group,
-    nccl_send,
 )
 from cai_ray.actors.weight_sync import publish as publish_buckets
 from cai_ray.algorithms.masked import masked_mean
@@ -206,32 +205,45 @@ class PPOTrainerWorker(TrainerWorker):
 
     # --- weights out ------------------------------------------------------------------------------
 
-    def _named(self) -> list[Named]:
-        """Full tensors of the policy on rank 0, under every name the engine's loader expects
-        (`export_names`: a tied output head is sent as `lm_head.weight` too); every rank must
-        call this (ZeRO-3 gathers tensor by tensor, all ranks in the same order)."""
+    def _gathered(self) -> Iterator[Named]:
+        """The policy's full tensors on rank 0, one at a time, under every name the engine's
+        loader expects (`export_names`: a tied output head is sent as `lm_head.weight` too),
+        each yielded while it is gathered: the consumer sends or copies it before the next
+        gather. Every rank must iterate to the end (ZeRO-3 gathers tensor by tensor, all ranks
+        in the same order); other ranks yield nothing."""
         import deepspeed
 
         module = self.engine.module
         live = named_tensors(module)
-        out: list[Named] = []
         for name in export_names(module):
             p = live[name]
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None,
                                                    enabled=self.cfg.zero_stage == 3 and
                                                    isinstance(p, torch.nn.Parameter)):
                 if self.ctx.rank == 0:
-                    out.append((name, p.detach().to("cpu", copy=True)))
-        return out
+                    yield name, p.detach()
 
     def export_weights(self, bucket_mb: float) -> WeightExport:
-        """Object-store weight sync: rank 0's weights in published buckets, with the float64
-        checksum of every tensor as the trainer holds it now (empty on other ranks)."""
-        named = self._named()
-        if not named:
-            return WeightExport([], {})
-        sums = {n: checksum(t) for n, t in named}
-        return WeightExport(publish_buckets(cut_buckets(named, int(bucket_mb * 2**20))), sums)
+        """Object-store weight sync: rank 0's weights in published buckets, each put into the
+        object store as soon as it is full (the host holds one bucket beyond the store), with
+        the float64 checksum of every tensor as the trainer holds it now (empty on other
+        ranks)."""
+        limit = int(bucket_mb * 2**20)
+        refs: list[Any] = []
+        sums: dict[str, tuple[float, float]] = {}
+        bucket: list[Named] = []
+        size = 0
+        for name, t in self._gathered():
+            n = t.numel() * t.element_size()
+            if bucket and size + n > limit:
+                refs += publish_buckets([bucket])
+                bucket, size = [], 0
+            sums[name] = checksum(t)
+            bucket.append((name, t.to("cpu", copy=True)))
+            size += n
+        if bucket:
+            refs += publish_buckets([bucket])
+        return WeightExport(refs, sums)
 
     def weight_metas(self) -> list[TensorMeta]:
         """Names, full shapes (`ds_shape` of a ZeRO-3 partitioned parameter, whose own shape is
@@ -241,16 +253,30 @@ class PPOTrainerWorker(TrainerWorker):
                            str(live[n].dtype).removeprefix("torch."))
                 for n in export_names(self.engine.module)]
 
-    def join_weight_group(self, host: str, port: int, world_size: int) -> None:
-        """NCCL weight sync: rank 0 joins the group with the rollout engines (as its rank 0)."""
-        if self.ctx.rank == 0:
-            self._comm = nccl_group(host, port, 0, world_size, torch.device("cuda", 0))
-
-    def broadcast_weights(self) -> int:
-        named = self._named()
+    def join_weight_group(self, host: str, port: int, world_size: int,
+                          timeout_s: float = 1800.0) -> str:
+        """Collective weight sync: rank 0 (re)forms the group with the rollout engines, as its
+        rank 0 (NCCL on GPU, gloo on CPU); returns the backend ("" on other ranks)."""
         if self.ctx.rank != 0:
-            return 0
-        return nccl_send(self._comm, ((n, t.to("cuda", non_blocking=True)) for n, t in named))
+            return ""
+        self._comm = WeightChannel(host, port, 0, world_size,
+                                   "cuda:0" if self.device == "cuda" else "cpu", timeout_s)
+        return str(self._comm.backend)
+
+    def broadcast_weights(self) -> tuple[int, dict[str, tuple[float, float]]]:
+        """Collective weight sync: every tensor from device memory, inside its gather; returns
+        the bytes sent and the sender's checksums (rank 0; (0, {}) elsewhere)."""
+        gathered = self._gathered()
+        if self.ctx.rank != 0:
+            for _ in gathered:  # the other ranks take part in each gather
+                pass
+            return 0, {}
+        try:
+            return self._comm.send(gathered)  # type: ignore[no-any-return]
+        except Exception:
+            for _ in gathered:  # keep the other ranks' gathers in step, then fail
+                pass
+            raise
 
     def probe_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens < t), t >= 1, of each sequence: what the rollout engine's

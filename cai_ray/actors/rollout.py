@@ -8,6 +8,7 @@ the config.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -164,12 +165,10 @@ class RolloutWorker(Worker):
     def extra_engine_args(self) -> dict[str, Any]:
         """Engine arguments of this role. Sampled tokens' log-probs are those of the
         distribution that sampled them (`processed_logprobs`: after temperature), not of the
-        raw logits: they are PPO's behaviour log-probs. On GPU the engine's workers can join
-        an NCCL weight-sync group."""
-        out: dict[str, Any] = {"logprobs_mode": "processed_logprobs"}
-        if self.device == "cuda":
-            out["worker_extension_cls"] = "cai_ray.actors.weight_sync.WeightReceiver"
-        return out
+        raw logits: they are PPO's behaviour log-probs. The engine's workers can join a
+        collective weight-sync group (`WeightReceiver`: NCCL on GPU, gloo on CPU)."""
+        return {"logprobs_mode": "processed_logprobs",
+                "worker_extension_cls": "cai_ray.actors.weight_sync.WeightReceiver"}
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -283,9 +282,23 @@ class RolloutWorker(Worker):
         self.weight_version = version
         return version
 
-    # NCCL weight sync (GPU): the engine's workers join a group with trainer rank 0.
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
-        self.llm.collective_rpc("cai_join_weight_group", args=(host, port, rank, world_size))
+    # Collective weight sync: the engine's workers join a group with trainer rank 0 (formed
+    # again, by every member, whenever an engine is replaced).
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int,
+                          timeout_s: float = 1800.0) -> str:
+        return str(self.llm.collective_rpc("cai_join_weight_group",
+                                           args=(host, port, rank, world_size, timeout_s))[0])
+
+    def check_sender(self, checksums: dict[str, tuple[float, float]]) -> SyncReport | None:
+        """Compare the last collective push with the sender's checksums (sent after the
+        tensors); the mismatches join the push's audit report, which is returned."""
+        bad = sorted({n for got in self.llm.collective_rpc("cai_check_sender", args=(checksums,))
+                      for n in got})
+        if bad and self.last_report is not None:
+            self.last_report = dataclasses.replace(
+                self.last_report, mismatched=tuple(sorted(set(self.last_report.mismatched) |
+                                                          set(bad))))
+        return self.last_report
 
     def receive_weights(self, version: int, metas: list[Any],
                         checksums: dict[str, tuple[float, float]] | None = None) -> int:

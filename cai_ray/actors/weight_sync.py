@@ -9,10 +9,13 @@ cache and takes the new version.
   of references to every rollout actor, which fetches one bucket at a time while vLLM loads. The
   driver never holds the weights and a reader holds at most one bucket beyond the engine. In
   local mode (no Ray) the buckets are passed as they are.
-* NCCL (GPU). Trainer rank 0 and every rollout engine form a group with vLLM's
-  `StatelessProcessGroup` + `PyNcclCommunicator` (it does not touch the trainer's own
-  torch.distributed group). Rank 0 broadcasts tensor by tensor; each engine receives into a fresh
-  CUDA tensor and loads it as it arrives, through `WeightReceiver`, a vLLM worker extension.
+* Collective (`ppo.weight_sync: collective`; NCCL on GPU, gloo on CPU). Trainer rank 0 and every
+  rollout engine form a stateless group (`WeightChannel`: vLLM's `StatelessProcessGroup` +
+  `PyNcclCommunicator`, or a stateless gloo group; neither touches the trainer's own
+  torch.distributed group). Rank 0 broadcasts tensor by tensor from inside the ZeRO gather,
+  so at most one gathered tensor is held beyond the model; each engine receives into a fresh
+  tensor and loads it as it arrives, through `WeightReceiver`, a vLLM worker extension. The
+  sender's checksums are checked once everything has arrived.
 """
 
 from __future__ import annotations
@@ -100,6 +103,22 @@ def checksum(t: Any) -> tuple[float, float]:
             float(torch.linalg.vector_norm(d, 2, dtype=torch.float64)) ** 2)
 
 
+def checksum_mismatches(sender: dict[str, tuple[float, float]],
+                        received: dict[str, tuple[float, float]]) -> list[str]:
+    """Names whose received `checksum` differs from the sender's (a name the receiver never
+    got is left to the engine-side audit, which reports what its modules miss)."""
+    out = []
+    for name, (s, s2) in sender.items():
+        got = received.get(name)
+        if got is None:
+            continue
+        # equal up to float64 summation order; |Σx| <= sqrt(n·Σx²) sets the scale
+        scale = max(1.0, abs(s2))
+        if abs(got[0] - s) > 1e-8 * scale ** 0.5 or abs(got[1] - s2) > 1e-9 * scale:
+            out.append(name)
+    return out
+
+
 @dataclass(frozen=True)
 class WeightExport:
     """A published weight push: object-store bucket references (or the buckets themselves in
@@ -172,6 +191,7 @@ class WeightAudit:
         self.reset()
 
     def reset(self) -> None:
+        self.last_received: dict[str, tuple[float, float]] = getattr(self, "last_received", {})
         self.expected: dict[str, Any] = {}  # module -> [ROWS, N] float64 (linear-like)
         self.params: dict[str, dict[int, Any]] = {}  # parameter -> {part: received tensor}
         self.received: dict[str, tuple[float, float]] = {}
@@ -281,18 +301,10 @@ class WeightAudit:
                     prel = self._compare_param(f"{mname}.{n}", p, missing)
                     if prel is not None and prel > worst:
                         worst, worst_mod = prel, f"{mname}.{n}"
-        mismatched = []
-        if sender:
-            for name, (s, s2) in sender.items():
-                got = self.received.get(name)
-                if got is None:
-                    continue  # reported as missing on the engine side if the engine needs it
-                # equal up to float64 summation order; |Σx| <= sqrt(n·Σx²) sets the scale
-                scale = max(1.0, abs(s2))
-                if abs(got[0] - s) > 1e-8 * scale ** 0.5 or abs(got[1] - s2) > 1e-9 * scale:
-                    mismatched.append(name)
+        mismatched = checksum_mismatches(sender, self.received) if sender else []
         report = SyncReport(version, len(self.received), checked, tuple(missing),
                             tuple(mismatched), worst_mod, worst, tol)
+        self.last_received = dict(self.received)
         self.reset()
         return report
 
@@ -315,7 +327,7 @@ class WeightAudit:
         return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-# --- NCCL (GPU) -----------------------------------------------------------------------------------
+# --- collective: NCCL on GPU, gloo on CPU ----------------------------------------------------
 
 @dataclass(frozen=True)
 class TensorMeta:
@@ -333,46 +345,88 @@ def nccl_group(host: str, port: int, rank: int, world_size: int, device: Any) ->
     return PyNcclCommunicator(pg, device=device)
 
 
-def nccl_send(comm: Any, named: Iterable[Named]) -> int:
-    """Broadcast every tensor from rank 0 (trainer); returns the bytes sent."""
-    import torch
+class WeightChannel:
+    """One weight-sync group, rank 0 = trainer rank 0, 1.. = the rollout engines, whose backend
+    follows the device: PyNccl on CUDA, gloo on the CPU. Either is a stateless group (vLLM's
+    helpers): it never touches the trainer's own torch.distributed group, and a new one can be
+    formed at any time (a restarted engine is re-admitted by forming the group again)."""
 
-    sent = 0
-    stream = torch.cuda.current_stream()
-    for _, t in named:
-        t = t.contiguous()
-        comm.broadcast(t, src=0, stream=stream)
-        sent += t.numel() * t.element_size()
-    stream.synchronize()
-    return sent
+    def __init__(self, host: str, port: int, rank: int, world_size: int, device: Any,
+                 timeout_s: float = 1800.0):
+        import torch
+
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        if self.device.type == "cuda":
+            self.backend = "nccl"
+            self._comm = nccl_group(host, port, rank, world_size, self.device)
+        else:
+            from datetime import timedelta
+
+            from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+            self.backend = "gloo"
+            self._comm = stateless_init_torch_distributed_process_group(
+                host, port, rank, world_size, "gloo", timeout=timedelta(seconds=timeout_s))
+
+    def broadcast(self, t: Any) -> None:
+        """`t` from rank 0 into every rank's `t`, in place; returns once it has arrived."""
+        import torch
+
+        if self.backend == "nccl":
+            stream = torch.cuda.current_stream()
+            self._comm.broadcast(t, src=0, stream=stream)
+            stream.synchronize()
+        else:
+            import torch.distributed as dist
+
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0  # the group's own rank: a stateless group has no global one
+            self._comm.broadcast([t], opts).wait()
+
+    def send(self, named: Iterable[Named]) -> tuple[int, dict[str, tuple[float, float]]]:
+        """Rank 0: broadcast each tensor as it comes (from device memory on GPU: nothing is
+        staged on the host); returns the bytes sent and the sender's checksum of each."""
+        sent, sums = 0, {}
+        for name, t in named:
+            t = t.detach().contiguous()
+            if t.device != self.device:
+                t = t.to(self.device)
+            self.broadcast(t)
+            sums[name] = checksum(t)
+            sent += t.numel() * t.element_size()
+        return sent, sums
+
+    def receive(self, metas: list[TensorMeta]) -> Iterator[Named]:
+        """Ranks 1..: each announced tensor, received into a fresh one as it arrives."""
+        import torch
+
+        for m in metas:
+            t = torch.empty(m.shape, dtype=getattr(torch, m.dtype), device=self.device)
+            self.broadcast(t)
+            yield m.name, t
 
 
 class WeightReceiver:
     """vLLM worker extension (`worker_extension_cls="cai_ray.actors.weight_sync.WeightReceiver"`):
     methods the rollout actor calls on its engine's workers through `collective_rpc`."""
 
-    def cai_join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
-        self._cai_comm = nccl_group(host, port, rank, world_size,
-                                    self.device)  # type: ignore[attr-defined]
+    def cai_join_weight_group(self, host: str, port: int, rank: int, world_size: int,
+                              timeout_s: float = 1800.0) -> str:
+        self._cai_channel = WeightChannel(host, port, rank, world_size,
+                                          self.device, timeout_s)  # type: ignore[attr-defined]
+        return self._cai_channel.backend
 
     def cai_receive_weights(self, metas: list[TensorMeta],
                             checksums: dict[str, tuple[float, float]] | None = None,
                             version: int = 0) -> SyncReport:
-        import torch
-
-        comm = self._cai_comm
-        device = self.device  # type: ignore[attr-defined]
-        stream = torch.cuda.current_stream()
         if not hasattr(self, "_cai_audit"):
             self._cai_audit = WeightAudit(self.model_runner.model)  # type: ignore[attr-defined]
-
-        def tensors() -> Iterator[Named]:
-            for m in metas:
-                t = torch.empty(m.shape, dtype=getattr(torch, m.dtype), device=device)
-                comm.broadcast(t, src=0, stream=stream)
-                stream.synchronize()
-                yield m.name, t
-
         self.reload_weights(  # type: ignore[attr-defined]
-            weights_iterator=self._cai_audit.watch(tensors()))
+            weights_iterator=self._cai_audit.watch(self._cai_channel.receive(metas)))
         return self._cai_audit.verify(version, checksums)
+
+    def cai_check_sender(self, checksums: dict[str, tuple[float, float]]) -> list[str]:
+        """Names of the last push whose received checksum differs from the sender's (known
+        only once the sender has sent everything)."""
+        return checksum_mismatches(checksums, self._cai_audit.last_received)

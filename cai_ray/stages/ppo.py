@@ -325,19 +325,25 @@ class PPORun:
         finally:
             pool.shutdown(wait=False)
         self.rollout, self.scorer, self.reference, self.trainer = self.groups
-        if self.transport == "nccl":
-            self._join_nccl()
+        if self.transport == "collective":
+            self._join_collective()
 
-    def _join_nccl(self) -> None:
+    def _join_collective(self) -> None:
+        """Trainer rank 0 and every engine form the weight-sync group (again after an engine
+        was replaced: a stateless group is formed anew by all its members, on a fresh port)."""
         host, port = self.trainer.call(0, PPOTrainerWorker.address)
         world = 1 + self.rollout.num_actors
+        timeout = self.cfg.run.call_timeout_s
         pend: list[Pending[Any]] = [self.trainer.submit(r, PPOTrainerWorker.join_weight_group,
-                                                        host, port, world)
+                                                        host, port, world, timeout)
                                     for r in range(self.trainer.num_actors)]
         pend += [self.rollout.submit(r, RolloutWorker.join_weight_group, host, port, r + 1,
-                                     world) for r in range(self.rollout.num_actors)]
+                                     world, timeout) for r in range(self.rollout.num_actors)]
+        backends = set()
         for grp in (self.trainer, self.rollout):
-            grp.get([x for x in pend if x.role == grp.role])
+            backends |= set(grp.get([x for x in pend if x.role == grp.role]))
+        log.info("weight-sync group: trainer rank 0 + %d engine(s) over %s",
+                 self.rollout.num_actors, ", ".join(sorted(b for b in backends if b)))
 
     def _restore(self) -> None:
         torn = self.ckpts.clean_torn()
@@ -376,17 +382,22 @@ class PPORun:
         if group.role == "trainer" or err.role != group.role or \
                 (isinstance(err, ActorCallError) and not err.actor_died):
             raise err
-        if group.role == "rollout" and self.transport == "nccl":
-            raise RuntimeError("a rollout engine failed and NCCL weight sync cannot re-admit a "
-                               "new one into its group; use ppo.weight_sync=object_store for "
-                               "restarts, or --resume from the last checkpoint") from err
         ranks = [err.rank] if isinstance(err, ActorCallError) else list(err.ranks)
         seconds = group.restart_failed(err, self.cfg.run.max_restarts)
+        if group.role == "rollout" and self.transport == "collective" and seconds:
+            # the new engine joins a new group with every other member, then gets the
+            # current weights through it (the others reload the same version)
+            self._join_collective()
+            if self.step > 0:
+                self._collective_push(self.step)
+                for rank in ranks:
+                    self._check_report(self.rollout.call(rank, RolloutWorker.sync_report), rank)
         export: WeightExport | None = None
         for rank, s in zip(ranks, seconds, strict=False):  # empty: already replaced
             if group.role == "reward":
                 group.call(rank, RewardWorker.load_for_scoring)
-            elif group.role == "rollout" and self.step > 0:  # a fresh engine: initial weights
+            elif group.role == "rollout" and self.step > 0 and \
+                    self.transport != "collective":  # a fresh engine: initial weights
                 if export is None:
                     export = self.trainer.call_all(PPOTrainerWorker.export_weights,
                                                    self.cfg.ppo.sync_bucket_mb)[0]
@@ -418,13 +429,8 @@ class PPORun:
         t0 = time.monotonic()
         version = self.step
         buckets = 0
-        if self.transport == "nccl":
-            metas = self.trainer.call(0, PPOTrainerWorker.weight_metas)
-            pend: list[Pending[int]] = [self.rollout.submit(r, RolloutWorker.receive_weights,
-                                                            version, metas)
-                                        for r in range(self.rollout.num_actors)]
-            sent = self.trainer.call_all(PPOTrainerWorker.broadcast_weights)[0]
-            self.rollout.get(pend)
+        if self.transport == "collective":
+            sent = self.retry(self.rollout, lambda: self._collective_push(version))
         else:
             export = self.trainer.call_all(PPOTrainerWorker.export_weights,
                                            self.cfg.ppo.sync_bucket_mb)[0]
@@ -439,6 +445,31 @@ class PPORun:
         if sent >= 0:
             out["sync/megabytes"] = sent / 2**20
         return out
+
+    def _collective_push(self, version: int) -> int:
+        """Broadcast the trainer's weights to every engine of the group; each engine audits
+        what it loaded, then compares it with the sender's checksums. Returns bytes sent."""
+        metas = self.trainer.call(0, PPOTrainerWorker.weight_metas)
+        pend: list[Pending[int]] = [self.rollout.submit(r, RolloutWorker.receive_weights,
+                                                        version, metas)
+                                    for r in range(self.rollout.num_actors)]
+        try:
+            sent, sums = self.trainer.call_all(PPOTrainerWorker.broadcast_weights)[0]
+        except ActorCallError as e:
+            # an engine that died mid-broadcast broke the group: name it (it is restarted and
+            # the group formed again), not the trainer whose send failed
+            for x in pend:
+                try:
+                    self.rollout.get([x])
+                except ActorCallError as dead:
+                    if dead.actor_died:
+                        raise dead from e
+                except ActorTimeoutError:
+                    pass
+            raise
+        self.rollout.get(pend)
+        self.rollout.call_all(RolloutWorker.check_sender, sums)
+        return int(sent)
 
     def _check_report(self, report: SyncReport | None, rank: int) -> float:
         """Raise unless engine `rank`'s audit of the last push found every module loaded with

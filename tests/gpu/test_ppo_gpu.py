@@ -49,7 +49,7 @@ def test_ppo_with_nccl_weight_sync(tiny_model_dir, tmp_path: Path) -> None:
     own = [f"placement.{r}.num_gpus=1" for r in ("trainer", "rollout")]
     shared = [f"placement.{r}.num_gpus=0.5" for r in ("reward", "reference")]
     cpus = [f"placement.{r}.num_cpus=1" for r in ("rollout", "reward", "reference", "trainer")]
-    rows = _run(tiny_model_dir, tmp_path, own + shared + cpus + ["ppo.weight_sync=nccl"])
+    rows = _run(tiny_model_dir, tmp_path, own + shared + cpus + ["ppo.weight_sync=collective"])
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)
 

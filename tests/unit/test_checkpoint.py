@@ -146,3 +146,17 @@ def test_checkpoints_are_read_weights_only(tmp_path: Path) -> None:
     assert RAN == []
     torch.load(bad, weights_only=False)  # what the unguarded reader would have done
     assert RAN == ["this ran while loading"]
+
+
+def test_checksum_mismatches_name_changed_tensors_only() -> None:
+    import torch
+
+    from cai_ray.actors.weight_sync import checksum, checksum_mismatches
+
+    a, b = torch.randn(64, 32), torch.randn(128)
+    sender = {"a": checksum(a), "b": checksum(b)}
+    stale = b.clone()
+    stale[7] += 1e-3  # one element moved, as after a small optimizer step
+    assert checksum_mismatches(sender, {"a": checksum(a.clone()), "b": checksum(b)}) == []
+    assert checksum_mismatches(sender, {"a": checksum(a), "b": checksum(stale)}) == ["b"]
+    assert checksum_mismatches(sender, {"a": checksum(a)}) == []  # missing: the audit's job
