@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from cai_ray.config import load_config
 from cai_ray.stages.ppo import PPORun
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # real engines and trainers: minutes on 2 cores
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
 COLLECTIVE = ["ppo.weight_sync=collective", "trainer.zero_stage=3",
               "placement.trainer.num_actors=2", "placement.rollout.num_actors=2",

@@ -11,7 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # real engines and trainers: minutes on 2 cores
 
 SCRIPT = textwrap.dedent("""
     import sys

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from cai_ray.actors.ppo import PPOTrainerWorker
@@ -16,6 +17,7 @@ from cai_ray.config import load_config
 from cai_ray.runtime import role_group
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # real engines and trainers: minutes on 2 cores
 
 
 def test_zero3_metas_and_export_carry_full_shapes(ray_local, tiny_model_dir: Path) -> None:
