@@ -41,6 +41,7 @@ from cai_ray.actors.weight_sync import (
     WeightExport,
     checksum,
     export_names,
+    iter_buckets,
     named_tensors,
 )
 from cai_ray.actors.weight_sync import publish as publish_buckets
@@ -228,21 +229,15 @@ class PPOTrainerWorker(TrainerWorker):
         object store as soon as it is full (the host holds one bucket beyond the store), with
         the float64 checksum of every tensor as the trainer holds it now (empty on other
         ranks)."""
-        limit = int(bucket_mb * 2**20)
-        refs: list[Any] = []
         sums: dict[str, tuple[float, float]] = {}
-        bucket: list[Named] = []
-        size = 0
-        for name, t in self._gathered():
-            n = t.numel() * t.element_size()
-            if bucket and size + n > limit:
-                refs += publish_buckets([bucket])
-                bucket, size = [], 0
-            sums[name] = checksum(t)
-            bucket.append((name, t.to("cpu", copy=True)))
-            size += n
-        if bucket:
-            refs += publish_buckets([bucket])
+
+        def host_copies() -> Iterator[Named]:
+            for name, t in self._gathered():
+                sums[name] = checksum(t)
+                yield name, t.to("cpu", copy=True)
+
+        refs = [ref for b in iter_buckets(host_copies(), int(bucket_mb * 2**20))
+                for ref in publish_buckets([b])]
         return WeightExport(refs, sums)
 
     def weight_metas(self) -> list[TensorMeta]:

@@ -28,19 +28,24 @@ from typing import Any
 Named = tuple[str, Any]  # (parameter name, tensor)
 
 
-def cut_buckets(named: Iterable[Named], bucket_bytes: int) -> list[list[Named]]:
+def iter_buckets(named: Iterable[Named], bucket_bytes: int) -> Iterator[list[Named]]:
     """Consecutive groups of tensors of about `bucket_bytes` each (a larger tensor is a bucket
-    of its own); order is kept."""
-    out: list[list[Named]] = [[]]
+    of its own), each yielded as soon as it is full; order is kept."""
+    bucket: list[Named] = []
     size = 0
     for name, t in named:
         n = t.numel() * t.element_size()
-        if out[-1] and size + n > bucket_bytes:
-            out.append([])
-            size = 0
-        out[-1].append((name, t))
+        if bucket and size + n > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
         size += n
-    return [b for b in out if b]
+    if bucket:
+        yield bucket
+
+
+def cut_buckets(named: Iterable[Named], bucket_bytes: int) -> list[list[Named]]:
+    return list(iter_buckets(named, bucket_bytes))
 
 
 def publish(buckets: list[list[Named]]) -> list[Any]:
