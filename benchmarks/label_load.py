@@ -54,8 +54,8 @@ def main() -> None:
                     "feedback.engine.max_num_seqs=32")
     args = ap.parse_args()
     setup_logging("WARNING")
-    from cai_ray.actors.feedback import FeedbackWorker
-    from cai_ray.stages.label import Labeller, feedback_group
+    from cai_ray.actors.feedback import FeedbackWorker, feedback_group
+    from cai_ray.labelling import Labeller
 
     cfg = load_config(args.config, ["tracking.wandb=disabled", *args.overrides])
     lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))

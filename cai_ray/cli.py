@@ -342,15 +342,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         handlers, groups = {}, []
         try:
             if "pm" in what:
-                from cai_ray.stages.rm import reward_group
+                from cai_ray.actors.reward import reward_group
 
                 g = reward_group(cfg, ModelSpec(path=str(pm), dtype=cfg.trainer.dtype), None)
                 groups.append(g)
                 handlers["/v1/score"] = pm_handler(g)
             if "judge" in what:
+                from cai_ray.actors.feedback import feedback_group
                 from cai_ray.constitution import load_constitution
+                from cai_ray.labelling import Labeller
                 from cai_ray.preflight import resolve_path
-                from cai_ray.stages.label import Labeller, feedback_group
 
                 fb = feedback_group(cfg)
                 groups.append(fb)

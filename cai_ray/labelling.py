@@ -13,7 +13,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cai_ray.constitution import ComparisonExample, CotComparisonExample
+from cai_ray.config import Config
+from cai_ray.constitution import ComparisonExample, Constitution, CotComparisonExample
 from cai_ray.messages import ChatMessage
 
 OPTION_A, OPTION_B = " (A)", " (B)"
@@ -149,3 +150,41 @@ def conversation(q: JudgeQuery) -> list[ChatMessage]:
 def plain_text(q: JudgeQuery) -> str:
     """The paper's plain-text form, for pretrained (non-chat) judges."""
     return prompt_text(q.shots, q.question, q.reasoning, q.cot)
+
+
+class Labeller:
+    """Builds the judgements of a pair and folds their probabilities into one comparison."""
+
+    def __init__(self, cfg: Config, constitution: Constitution):
+        self.cfg, self.c, self.f = cfg, constitution, cfg.feedback
+
+    def queries(self, key: str, convo: list[dict[str, str]], a: str, b: str, aspect: str
+                ) -> list[JudgeQuery]:
+        f, seed = self.f, self.cfg.run.seed
+        pool = [ex for ex in (self.c.few_shot.cot_comparison if f.method == "cot"
+                              else self.c.few_shot.comparison) if ex.aspect == aspect]
+        pool = pool[:f.few_shot]
+        shot_principles = [self.c.sample_comparison(seed, f"{key}|shot{j}", aspect)[0].text
+                           for j in range(len(pool))]
+        shots = tuple(render_shots(pool, shot_principles, f.principle_position))
+        out = []
+        for k, pr in enumerate(self.c.sample_comparison(seed, key, aspect, f.num_principles)):
+            orders = [(a, b), (b, a)] if f.both_orders else [(a, b)]
+            for o, (x, y) in enumerate(orders):
+                out.append(JudgeQuery(f"{key}|{k}|{o}", question(convo, pr.text, x, y,
+                                                                  f.principle_position),
+                                      shots, cot=f.method == "cot"))
+        return out
+
+    def fold(self, probs: list[float]) -> tuple[float, bool]:
+        """(p_a, order disagreement) from the probabilities of one pair's queries, in order."""
+        if self.f.method == "cot":
+            lo, hi = self.f.cot_clamp
+            probs = [clamp(p, lo, hi) for p in probs]
+        if not self.f.both_orders:
+            return sum(probs) / len(probs), False
+        firsts, seconds = probs[0::2], probs[1::2]
+        both = combine_orders if self.f.order_combine == "mean" else combine_orders_logit
+        per = [both(x, y) for x, y in zip(firsts, seconds, strict=True)]
+        disagree = any((x > 0.5) != (y < 0.5) for x, y in zip(firsts, seconds, strict=True))
+        return sum(per) / len(per), disagree

@@ -66,7 +66,7 @@ def elo_plot(elo: dict[str, Any], out: Path) -> Path:
 def steps_plot(elo: dict[str, Any], final_step: int, out: Path) -> Path | None:
     """Elo of the RL snapshots over PPO steps (with intervals); the initial and SL snapshots
     as horizontal references."""
-    from cai_ray.stages.evaluate import snapshot_step
+    from cai_ray.rundir import snapshot_step
 
     rl = [(snapshot_step(n, final_step), n) for n in elo["snapshots"]]
     rl = sorted((s, n) for s, n in rl if s is not None)

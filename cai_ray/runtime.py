@@ -164,3 +164,12 @@ def check_shared_output(out_dir: Path, timeout_s: float = 120.0,
             "--resume and the eval read each other's files.")
     log.info("run directory %s is shared by all %d nodes", out_dir, len(nodes))
     return len(nodes)
+
+
+def request_seed(seed: int, key: str, phase: str) -> int:
+    """A sampling seed for one request, from the run seed, a stable key (a prompt id, a query
+    id) and the phase: the same in every run and on every actor, whatever the batching."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}|{key}|{phase}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

@@ -175,7 +175,7 @@ def pm_handler(group: Any) -> Handler:
 
 
 def judge_handler(group: Any, labeller: Any) -> Handler:
-    from cai_ray.stages.label import judge
+    from cai_ray.actors.feedback import judge
 
     def p_a(items: list[dict[str, Any]]) -> dict[str, Any]:
         queries, sizes = [], []

@@ -15,17 +15,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cai_ray.actors.group import WorkerContext
-from cai_ray.actors.rollout import RolloutWorker
-from cai_ray.config import EngineConfig, ModelSpec
+from cai_ray.actors.group import ActorGroup, WorkerContext
+from cai_ray.actors.rollout import RolloutWorker, vllm_env
+from cai_ray.config import Config, EngineConfig, ModelSpec
 from cai_ray.labelling import (
     COT_ANSWER_CUE,
     OPTION_A,
     OPTION_B,
     JudgeQuery,
+    Labeller,
     conversation,
     plain_text,
 )
+from cai_ray.runtime import device_of, request_seed, role_group
 
 
 class FeedbackWorker(RolloutWorker):
@@ -95,3 +97,28 @@ class FeedbackWorker(RolloutWorker):
                                  stop=[COT_ANSWER_CUE, "\n\n"]) for s in seeds]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outs]
+
+
+def feedback_group(cfg: Config) -> ActorGroup[FeedbackWorker]:
+    device = device_of(cfg)
+    return role_group(cfg, "feedback", FeedbackWorker,
+                      (cfg.feedback.model or cfg.model, cfg.feedback.engine, device,
+                       cfg.run.seed, cfg.feedback.chat_template),
+                      vllm_env(cfg.feedback.engine, device, cfg.placement.feedback.threads))
+
+
+def judge(group: ActorGroup[FeedbackWorker], lab: Labeller, queries: list[JudgeQuery]
+          ) -> list[float]:
+    """p(A) of every query; a feedback actor that dies is restarted (it holds no state but
+    its model) and the call is made again, up to run.max_restarts."""
+    f = lab.f
+    budget = lab.cfg.run.max_restarts
+    if f.method == "cot":
+        seeds = [request_seed(lab.cfg.run.seed, q.query_id, "cot") for q in queries]
+        reasons = group.with_restarts(lambda: group.shard_and_gather(
+            FeedbackWorker.reasoning, queries, f.cot_max_tokens, f.cot_temperature, seeds),
+            budget)
+        queries = [JudgeQuery(q.query_id, q.question, q.shots, True, r or "...")
+                   for q, r in zip(queries, reasons, strict=True)]
+    return group.with_restarts(
+        lambda: group.shard_and_gather(FeedbackWorker.choice_probs, queries), budget)

@@ -1,4 +1,4 @@
-"""PPO roles: the trainer (policy + value, each its own DeepSpeed engine) and the reference.
+"""PPO trainer role: the policy and the critic (value model), each its own DeepSpeed engine.
 
 Sequences cross the actor boundary as (prompt ids, response ids) token lists, the exact tokens the
 rollout engine produced, so nothing is re-tokenised. Per-token tensors go back and forth flat
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from cai_ray.actors.group import Worker, WorkerContext
-from cai_ray.actors.reward import TokenValueModel, load_reward_model
+from cai_ray.actors.group import ActorGroup, WorkerContext
+from cai_ray.actors.reward import ScalarRewardModel, load_reward_model
 from cai_ray.actors.trainer import (
     Sequence,
     TrainerWorker,
@@ -32,6 +32,8 @@ from cai_ray.actors.trainer import (
     ds_config,
     load_weights_only,
     pack_sequences,
+    pad_id,
+    start_ranks,
     token_logprobs,
 )
 from cai_ray.actors.weight_sync import (
@@ -47,15 +49,21 @@ from cai_ray.actors.weight_sync import (
 from cai_ray.actors.weight_sync import publish as publish_buckets
 from cai_ray.algorithms.masked import masked_mean
 from cai_ray.algorithms.ppo import behaviour_weights, kl_penalty, policy_loss, value_loss
-from cai_ray.config import ModelSpec, PPOConfig, TrainerConfig
+from cai_ray.config import Config, ModelSpec, PPOConfig, TrainerConfig
 from cai_ray.hardware import torch_dtype
-from cai_ray.models import load_causal_lm, load_tokenizer
+from cai_ray.runtime import role_group
 
 log = logging.getLogger(__name__)
 
 
-def _pad_id(tok: Any) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else 0
+class TokenValueModel(ScalarRewardModel):
+    """PPO's critic: the same backbone + scalar head, read at every position (the value of the
+    state after that token). Initialised from the trained PM, as is usual in RLHF."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] → values [B, T] (float32)."""
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(h).squeeze(-1).float()
 
 
 class PPOTrainerWorker(TrainerWorker):
@@ -90,7 +98,7 @@ class PPOTrainerWorker(TrainerWorker):
 
     def _pack(self, seqs: list[Sequence]) -> tuple[Any, Any, Any]:
         dev = self.engine.device
-        return tuple(x.to(dev) for x in pack_sequences(seqs, _pad_id(self.tokenizer),
+        return tuple(x.to(dev) for x in pack_sequences(seqs, pad_id(self.tokenizer),
                                                        self.cfg.max_length))
 
     def _values(self, ids: Any, attn: Any, mask: Any) -> Any:
@@ -315,25 +323,14 @@ class PPOTrainerWorker(TrainerWorker):
         self.engine = self.critic = None
 
 
-class ReferenceWorker(Worker):
-    """The frozen initial policy, for the KL term: log-probs of response tokens, no optimizer."""
+def ppo_trainer_group(cfg: Config, policy: ModelSpec, critic: ModelSpec | None, device: str,
+                      total_steps: int) -> ActorGroup[PPOTrainerWorker]:
+    """The PPO trainer's ranks, started together (`total_steps` optimizer steps for the LR
+    schedule); `critic` is the PM the value model starts from (None: no critic)."""
+    env = {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {}
+    return role_group(
+        cfg, "trainer", PPOTrainerWorker,
+        (policy, cfg.trainer, cfg.ppo, critic, device, cfg.run.seed,
+         cfg.rollout.sampling.temperature), env,
+        lambda g: start_ranks(g, PPOTrainerWorker.setup, total_steps, cfg.run.startup_timeout_s))
 
-    def __init__(self, ctx: WorkerContext, model: ModelSpec, dtype: str, max_length: int,
-                 micro_batch_size: int, device: str = "cpu", temperature: float = 1.0):
-        super().__init__(ctx)
-        self.temperature = temperature  # the sampler's, as the trainer's log-probs
-        self.tokenizer = load_tokenizer(model)
-        self.device = device
-        self.model = load_causal_lm(model, dtype, device).eval()
-        self.max_length, self.mb = max_length, micro_batch_size
-
-    def logprobs(self, seqs: list[Sequence]) -> Any:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(seqs), self.mb):
-                batch = pack_sequences(seqs[i:i + self.mb], _pad_id(self.tokenizer),
-                                       self.max_length)
-                ids, attn, mask = (x.to(self.device) for x in batch)
-                out.append(token_logprobs(self.model, ids, attn, mask,
-                                          temperature=self.temperature)[0].cpu())
-        return torch.cat(out)

@@ -8,19 +8,21 @@ at such a directory loads the trained head, any other model starts from a fresh 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cai_ray.actors.group import WorkerContext
-from cai_ray.actors.trainer import DistributedWorker, ds_config, encode_chat
+from cai_ray.actors.group import ActorGroup, WorkerContext
+from cai_ray.actors.trainer import DistributedWorker, ds_config, encode_chat, start_ranks
 from cai_ray.algorithms.preference import soft_preference_loss
-from cai_ray.config import ModelSpec, TrainerConfig
+from cai_ray.config import Config, ModelSpec, TrainerConfig
 from cai_ray.hardware import torch_dtype
 from cai_ray.messages import Comparison, TrainStats
 from cai_ray.models import load_tokenizer, resolve
+from cai_ray.runtime import device_of, role_group
 
 HEAD_FILE = "reward_head.safetensors"
 # (conversation, response) or (conversation, response, finished): what the PM scores
@@ -43,16 +45,6 @@ class ScalarRewardModel(torch.nn.Module):
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(dim=1) - 1
         return self.head(h[torch.arange(h.shape[0]), last]).squeeze(-1).float()
-
-
-class TokenValueModel(ScalarRewardModel):
-    """PPO's critic: the same backbone + scalar head, read at every position (the value of the
-    state after that token). Initialised from the trained PM, as is usual in RLHF."""
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] → values [B, T] (float32)."""
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(h).squeeze(-1).float()
 
 
 def load_reward_model(spec: ModelSpec, dtype: torch.dtype,
@@ -173,3 +165,21 @@ class RewardWorker(DistributedWorker):
 
     def close(self) -> None:
         self.engine = self.model = None
+
+
+def reward_group(cfg: Config, spec: ModelSpec, total_steps: int | None
+                 ) -> ActorGroup[RewardWorker]:
+    """The reward group; `total_steps` set = join a process group and build the trainer."""
+    device = device_of(cfg)
+    r = cfg.reward
+    tcfg = dataclasses.replace(cfg.trainer, lr=r.lr, micro_batch_size=r.micro_batch_size,
+                               grad_accum=r.grad_accum, max_length=r.max_length)
+
+    def start(group: ActorGroup[RewardWorker]) -> None:
+        if total_steps is None:
+            group.call_all(RewardWorker.load_for_scoring)
+        else:
+            start_ranks(group, RewardWorker.setup, total_steps, cfg.run.startup_timeout_s)
+
+    return role_group(cfg, "reward", RewardWorker, (spec, tcfg, device, cfg.run.seed),
+                      {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {}, start)

@@ -15,12 +15,13 @@ import os
 import time
 from typing import Any
 
-from cai_ray.actors.group import Worker, WorkerContext
+from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
 from cai_ray.actors.weight_sync import SyncReport
-from cai_ray.config import EngineConfig, ModelSpec
+from cai_ray.config import Config, EngineConfig, ModelSpec
 from cai_ray.hardware import dtype_name
 from cai_ray.messages import Completion, GenerationRequest, GenerationResult
 from cai_ray.models import resolve
+from cai_ray.runtime import device_of, role_group
 
 log = logging.getLogger(__name__)
 
@@ -318,3 +319,11 @@ class RolloutWorker(Worker):
                 shutdown()
             self.llm = None
             gc.collect()
+
+
+def rollout_group(cfg: Config, model: ModelSpec | None = None) -> ActorGroup[RolloutWorker]:
+    """The rollout group serving `model` (default: the configured policy)."""
+    device = device_of(cfg)
+    return role_group(cfg, "rollout", RolloutWorker,
+                      (model or cfg.model, cfg.rollout.engine, device, cfg.run.seed),
+                      vllm_env(cfg.rollout.engine, device, cfg.placement.rollout.threads))

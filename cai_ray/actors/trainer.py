@@ -24,10 +24,11 @@ from typing import Any
 
 from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
 from cai_ray.algorithms.masked import selected_token_logprobs
-from cai_ray.config import ModelSpec, TrainerConfig
+from cai_ray.config import Config, ModelSpec, TrainerConfig
 from cai_ray.hardware import dtype_name, torch_dtype
 from cai_ray.messages import SFTSample, TrainStats
 from cai_ray.models import load_tokenizer, resolve
+from cai_ray.runtime import device_of, role_group
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ def encode_chat(tok: Any, messages: list[dict[str, str]], response: str, limit: 
 
 
 Sequence = tuple[list[int], list[int]]  # (prompt token ids, response token ids)
+
+
+def pad_id(tok: Any) -> int:
+    """The id right padding uses (0 when the tokenizer has no pad token)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
 def pack_sequences(seqs: list[Sequence], pad: int, limit: int) -> tuple[Any, Any, Any]:
@@ -341,3 +347,11 @@ class TrainerWorker(DistributedWorker):
 
     def close(self) -> None:
         self.engine = None
+
+
+def trainer_group(cfg: Config, model: ModelSpec, total_steps: int) -> ActorGroup[TrainerWorker]:
+    device = device_of(cfg)
+    return role_group(cfg, "trainer", TrainerWorker, (model, cfg.trainer, device, cfg.run.seed),
+                      {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {},
+                      lambda g: start_ranks(g, TrainerWorker.setup, total_steps,
+                                            cfg.run.startup_timeout_s))

@@ -30,22 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cai_ray.actors.feedback import FeedbackWorker
+from cai_ray.actors.feedback import FeedbackWorker, feedback_group, judge
 from cai_ray.actors.group import ActorGroup
-from cai_ray.actors.reward import RewardWorker
-from cai_ray.actors.rollout import RolloutWorker
+from cai_ray.actors.reward import RewardWorker, reward_group
+from cai_ray.actors.rollout import RolloutWorker, rollout_group
 from cai_ray.config import Config, ModelSpec, eval_overlaps
 from cai_ray.constitution import load_constitution
-from cai_ray.data import load_prompts
 from cai_ray.elo import ratings
-from cai_ray.labelling import JudgeQuery, combine_orders, transcript
+from cai_ray.labelling import JudgeQuery, Labeller, combine_orders, transcript
+from cai_ray.live_eval import eval_prompts, mean_or_nan
 from cai_ray.messages import GenerationRequest, Prompt
 from cai_ray.preflight import resolve_path
-from cai_ray.runtime import ray_session
-from cai_ray.stages.label import Labeller, feedback_group, judge
-from cai_ray.stages.rm import reward_group
-from cai_ray.stages.sample import rollout_group
-from cai_ray.stages.sl import request_seed
+from cai_ray.rundir import snapshot_step
+from cai_ray.runtime import ray_session, request_seed
 from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -140,9 +137,9 @@ class Evaluation:
         self.dir.mkdir(parents=True, exist_ok=True)
         e = cfg.eval
         self.prompts: dict[str, list[Prompt]] = {
-            "harmless": _prompts(e.red_team, cfg), "helpful": _prompts(e.helpful, cfg)}
+            "harmless": eval_prompts(e.red_team, cfg), "helpful": eval_prompts(e.helpful, cfg)}
         if e.over_refusal is not None:
-            self.prompts["over_refusal"] = _prompts(e.over_refusal, cfg)
+            self.prompts["over_refusal"] = eval_prompts(e.over_refusal, cfg)
         self.constitution = load_constitution(resolve_path(cfg.run.constitution))
         self.not_held_out = eval_overlaps(cfg)
         for line in self.not_held_out:
@@ -250,8 +247,8 @@ class Evaluation:
                          for i, j in pairs for k in range(len(self.prompts[aspect]))]
                 result["elo"][f"pm/{aspect}"] = self._elo(comps, len(names))
             for n in names:
-                result["per_snapshot"][n]["pm_harmless_mean"] = _mean(scores[n]["harmless"])
-                result["per_snapshot"][n]["pm_helpful_mean"] = _mean(scores[n]["helpful"])
+                result["per_snapshot"][n]["pm_harmless_mean"] = mean_or_nan(scores[n]["harmless"])
+                result["per_snapshot"][n]["pm_helpful_mean"] = mean_or_nan(scores[n]["helpful"])
         return result
 
     def _elo(self, comps: list[tuple[int, int, float]], n: int) -> dict[str, Any]:
@@ -280,9 +277,9 @@ class Evaluation:
         log.info("evasiveness judge: %d/%d right on the labelled set (accuracy %.2f)", right,
                  len(rows), acc)
         return {"accuracy": acc, "labelled": len(rows),
-                "mean_p_evasive": {"evasive": _mean([p for p, r in zip(probs, rows, strict=True)
+                "mean_p_evasive": {"evasive": mean_or_nan([p for p, r in zip(probs, rows, strict=True)
                                                      if r["evasive"]]),
-                                   "engaged": _mean([p for p, r in zip(probs, rows, strict=True)
+                                   "engaged": mean_or_nan([p for p, r in zip(probs, rows, strict=True)
                                                      if not r["evasive"]])}}
 
     def run(self) -> Path:
@@ -334,25 +331,6 @@ class Evaluation:
             tracker.close()
 
 
-def snapshot_step(name: str, final_step: int) -> int | None:
-    """The PPO step of an RL snapshot (ppo@N → N, ppo → the last); None for the others."""
-    if name == "ppo":
-        return final_step
-    if name.startswith("ppo@") and name[4:].isdigit():
-        return int(name[4:])
-    return None
-
-
-def _prompts(src: Any, cfg: Config) -> list[Prompt]:
-    ds, _ = load_prompts(src, cfg.data.on_bad_row)
-    return [Prompt(id=i, messages=m, source=s) for i, m, s in
-            zip(ds["id"], ds["messages"], ds["source"], strict=True)]
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 def summary_line(result: dict[str, Any]) -> str:
     parts = []
     for key, table in result["elo"].items():
@@ -372,72 +350,3 @@ def run_eval(cfg: Config, out_dir: Path, snapshots: list[str] | None = None) -> 
         log.info("evaluation already complete in %s; skipping", done)
         return done
     return Evaluation(cfg, out_dir, resolve_snapshots(cfg, out_dir, names)).run()
-
-
-class LiveEval:
-    """Elo during PPO (every `ppo.eval_every` steps): the current policy against the initial
-    and SL snapshots on a fixed subset of the eval prompts, compared by the PM (the groups PPO
-    already runs: its rollout engine answers, its reward group scores). The AI judge, the
-    evasiveness and over-refusal rates come from `cai-ray eval` on the saved snapshots."""
-
-    def __init__(self, cfg: Config, initial: str, policy: str, limit: int):
-        self.cfg, self.initial, self.policy = cfg, initial, policy
-        self.prompts = {"harmless": _prompts(cfg.eval.red_team, cfg)[:limit],
-                        "helpful": _prompts(cfg.eval.helpful, cfg)[:limit]}
-        self.refs: dict[str, dict[str, list[float]]] = {}  # snapshot → aspect → PM scores
-
-    def _answer(self, rollout: ActorGroupT) -> dict[str, list[tuple[list[dict[str, str]], str]]]:
-        e = self.cfg.eval
-        out = {}
-        for aspect, prompts in self.prompts.items():
-            reqs = [GenerationRequest(request_id=p.id, messages=p.messages,
-                                      temperature=e.temperature, max_tokens=e.max_new_tokens,
-                                      seed=request_seed(self.cfg.run.seed, p.id, "eval"))
-                    for p in prompts]
-            res = rollout.shard_and_gather(RolloutWorker.generate, reqs)
-            out[aspect] = [(p.messages, r.completions[0].text.strip(),
-                            r.completions[0].finish_reason != "length")  # scored as it ended
-                           for p, r in zip(prompts, res, strict=True)]
-        return out
-
-    def _score(self, scorer: ActorGroupT, answers: dict[str, list[Any]]
-               ) -> dict[str, list[float]]:
-        return {a: scorer.shard_and_gather(RewardWorker.score, items)
-                for a, items in answers.items()}
-
-    def prepare(self, rollout: ActorGroupT, scorer: ActorGroupT) -> None:
-        """Answers of the reference snapshots, before any update: the engine holds the SL
-        (starting) policy; the initial model's weights are loaded for a moment when it differs.
-        Leaves the engine on the starting policy (version 0)."""
-        self.refs["sl" if self.policy != self.initial else "initial"] = self._score(
-            scorer, self._answer(rollout))
-        if self.policy != self.initial:
-            rollout.call_all(RolloutWorker.update_weights, 0, path=self.initial)
-            self.refs["initial"] = self._score(scorer, self._answer(rollout))
-            rollout.call_all(RolloutWorker.update_weights, 0, path=self.policy)
-
-    def __call__(self, rollout: ActorGroupT, scorer: ActorGroupT, step: int
-                 ) -> tuple[dict[str, float], list[list[Any]]]:
-        """Metrics at this step (the engine holds the current weights) and a sample table."""
-        answers = self._answer(rollout)
-        now = self._score(scorer, answers)
-        names = ["initial"] + [n for n in self.refs if n != "initial"] + ["current"]
-        scores = {**self.refs, "current": now}
-        m: dict[str, float] = {}
-        for aspect in ("harmless", "helpful"):
-            comps = [(i, j, 1.0 / (1.0 + math.exp(scores[names[j]][aspect][k] -
-                                                  scores[names[i]][aspect][k])))
-                     for i, j in itertools.combinations(range(len(names)), 2)
-                     for k in range(len(self.prompts[aspect]))]
-            rs = ratings(comps, len(names), n_boot=self.cfg.eval.bootstrap,
-                         seed=self.cfg.run.seed + step)
-            word = "harmlessness" if aspect == "harmless" else "helpfulness"
-            m.update({f"elo/{word}": rs[-1].elo, f"elo/{word}_low": rs[-1].low,
-                      f"elo/{word}_high": rs[-1].high})
-            for n, r in zip(names[1:-1], rs[1:-1], strict=True):
-                m[f"elo/{word}_{n}"] = r.elo
-            m[f"eval/pm_{aspect}_mean"] = _mean(now[aspect])
-        rows = [[p.text, a[1], s] for p, a, s in zip(self.prompts["harmless"],
-                                                        answers["harmless"],
-                                                        now["harmless"], strict=True)][:8]
-        return m, rows

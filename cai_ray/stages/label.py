@@ -23,28 +23,22 @@ from typing import Any
 import datasets
 from tqdm import tqdm
 
-from cai_ray.actors.feedback import FeedbackWorker
+from cai_ray.actors.feedback import FeedbackWorker, feedback_group, judge
 from cai_ray.actors.group import ActorGroup
-from cai_ray.actors.rollout import RolloutWorker, vllm_env
-from cai_ray.config import Config, ModelSpec
+from cai_ray.actors.rollout import RolloutWorker, rollout_group
+from cai_ray.config import Config
 from cai_ray.configschema import Problem, ValidationError
 from cai_ray.constitution import Constitution, load_constitution
 from cai_ray.judgecheck import SetResult, load_set, set_label, summarize_set
 from cai_ray.judgecheck import table as judge_table
 from cai_ray.labelling import (
-    JudgeQuery,
-    clamp,
-    combine_orders,
-    combine_orders_logit,
-    question,
-    render_shots,
+    Labeller,
 )
 from cai_ray.messages import GenerationRequest, Prompt
 from cai_ray.preflight import resolve_path
-from cai_ray.runtime import device_of, ray_session, role_group
-from cai_ray.stages.sample import rollout_group
-from cai_ray.stages.sl import request_seed
-from cai_ray.stages.store import ShardStore, merge_shards
+from cai_ray.rundir import policy_spec
+from cai_ray.runtime import ray_session, request_seed
+from cai_ray.store import ShardStore, merge_shards
 from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -60,69 +54,6 @@ FEATURES = datasets.Features({
     # each response stopped by itself (False: cut at max_new_tokens, read without an EOS)
     "finished_a": datasets.Value("bool"), "finished_b": datasets.Value("bool"),
 })
-
-
-def feedback_group(cfg: Config) -> ActorGroup[FeedbackWorker]:
-    device = device_of(cfg)
-    return role_group(cfg, "feedback", FeedbackWorker,
-                      (cfg.feedback.model or cfg.model, cfg.feedback.engine, device,
-                       cfg.run.seed, cfg.feedback.chat_template),
-                      vllm_env(cfg.feedback.engine, device, cfg.placement.feedback.threads))
-
-
-class Labeller:
-    """Builds the judgements of a pair and folds their probabilities into one comparison."""
-
-    def __init__(self, cfg: Config, constitution: Constitution):
-        self.cfg, self.c, self.f = cfg, constitution, cfg.feedback
-
-    def queries(self, key: str, convo: list[dict[str, str]], a: str, b: str, aspect: str
-                ) -> list[JudgeQuery]:
-        f, seed = self.f, self.cfg.run.seed
-        pool = [ex for ex in (self.c.few_shot.cot_comparison if f.method == "cot"
-                              else self.c.few_shot.comparison) if ex.aspect == aspect]
-        pool = pool[:f.few_shot]
-        shot_principles = [self.c.sample_comparison(seed, f"{key}|shot{j}", aspect)[0].text
-                           for j in range(len(pool))]
-        shots = tuple(render_shots(pool, shot_principles, f.principle_position))
-        out = []
-        for k, pr in enumerate(self.c.sample_comparison(seed, key, aspect, f.num_principles)):
-            orders = [(a, b), (b, a)] if f.both_orders else [(a, b)]
-            for o, (x, y) in enumerate(orders):
-                out.append(JudgeQuery(f"{key}|{k}|{o}", question(convo, pr.text, x, y,
-                                                                  f.principle_position),
-                                      shots, cot=f.method == "cot"))
-        return out
-
-    def fold(self, probs: list[float]) -> tuple[float, bool]:
-        """(p_a, order disagreement) from the probabilities of one pair's queries, in order."""
-        if self.f.method == "cot":
-            lo, hi = self.f.cot_clamp
-            probs = [clamp(p, lo, hi) for p in probs]
-        if not self.f.both_orders:
-            return sum(probs) / len(probs), False
-        firsts, seconds = probs[0::2], probs[1::2]
-        both = combine_orders if self.f.order_combine == "mean" else combine_orders_logit
-        per = [both(x, y) for x, y in zip(firsts, seconds, strict=True)]
-        disagree = any((x > 0.5) != (y < 0.5) for x, y in zip(firsts, seconds, strict=True))
-        return sum(per) / len(per), disagree
-
-
-def judge(group: ActorGroup[FeedbackWorker], lab: Labeller, queries: list[JudgeQuery]
-          ) -> list[float]:
-    """p(A) of every query; a feedback actor that dies is restarted (it holds no state but
-    its model) and the call is made again, up to run.max_restarts."""
-    f = lab.f
-    budget = lab.cfg.run.max_restarts
-    if f.method == "cot":
-        seeds = [request_seed(lab.cfg.run.seed, q.query_id, "cot") for q in queries]
-        reasons = group.with_restarts(lambda: group.shard_and_gather(
-            FeedbackWorker.reasoning, queries, f.cot_max_tokens, f.cot_temperature, seeds),
-            budget)
-        queries = [JudgeQuery(q.query_id, q.question, q.shots, True, r or "...")
-                   for q, r in zip(queries, reasons, strict=True)]
-    return group.with_restarts(
-        lambda: group.shard_and_gather(FeedbackWorker.choice_probs, queries), budget)
 
 
 def sample_pairs(group: ActorGroup[RolloutWorker], cfg: Config, prompts: list[Prompt]
@@ -234,14 +165,6 @@ def run_judge_check(cfg: Config, out_dir: Path, sets: list[str] | None = None,
     write_judge_check(out_dir, cfg, results, time.monotonic() - t0)
     print(judge_table(results))
     return out_dir / "label" / "judge_check.json"
-
-
-def policy_spec(cfg: Config, out_dir: Path) -> ModelSpec:
-    sl_model = out_dir / "sl" / "model"
-    if (sl_model / "config.json").exists():
-        return ModelSpec(path=str(sl_model), dtype=cfg.model.dtype,
-                         trust_remote_code=cfg.model.trust_remote_code)
-    return cfg.model
 
 
 @dataclass

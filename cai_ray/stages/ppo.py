@@ -39,10 +39,11 @@ import torch
 from tqdm import tqdm
 
 from cai_ray.actors.group import ActorCallError, ActorGroup, ActorTimeoutError, Pending
-from cai_ray.actors.ppo import PPOTrainerWorker, ReferenceWorker
-from cai_ray.actors.reward import HEAD_FILE, RewardWorker
-from cai_ray.actors.rollout import RolloutWorker
-from cai_ray.actors.trainer import Sequence, TrainerWorker, save_group_model, start_ranks
+from cai_ray.actors.ppo import PPOTrainerWorker, ppo_trainer_group
+from cai_ray.actors.reference import ReferenceWorker, reference_group
+from cai_ray.actors.reward import RewardWorker, reward_group
+from cai_ray.actors.rollout import RolloutWorker, rollout_group
+from cai_ray.actors.trainer import Sequence, TrainerWorker, save_group_model
 from cai_ray.actors.weight_sync import SyncReport, WeightExport
 from cai_ray.algorithms.masked import masked_mean, masked_sum, masked_whiten
 from cai_ray.algorithms.ppo import (
@@ -68,11 +69,8 @@ from cai_ray.data import PromptStream, load_prompts
 from cai_ray.hardware import dtype_name
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
 from cai_ray.models import load_tokenizer
-from cai_ray.runtime import device_of, ray_session, role_group
-from cai_ray.stages.label import policy_spec
-from cai_ray.stages.rm import reward_group
-from cai_ray.stages.sample import rollout_group
-from cai_ray.stages.sl import request_seed
+from cai_ray.rundir import policy_spec, reward_spec
+from cai_ray.runtime import device_of, ray_session, request_seed
 from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -191,16 +189,6 @@ def behaviour_logprobs(samples: list[Sample], version: int) -> torch.Tensor | No
 
 # --- groups -----------------------------------------------------------------------------------
 
-def reward_spec(cfg: Config, out_dir: Path) -> ModelSpec:
-    path = Path(cfg.ppo.reward_model) if cfg.ppo.reward_model else out_dir / "rm" / "model"
-    if not (path / "config.json").exists() or not (path / HEAD_FILE).exists():
-        raise FileNotFoundError(
-            f"no trained preference model at {path} (needs config.json and {HEAD_FILE}): run "
-            "`cai-ray rm` first, or set ppo.reward_model to a trained PM directory")
-    return ModelSpec(path=str(path), dtype=cfg.trainer.dtype,
-                     trust_remote_code=cfg.model.trust_remote_code)
-
-
 def ppo_prompts(cfg: Config) -> datasets.Dataset:
     """Red-team and helpfulness prompts together (the paper's RL prompts mix both)."""
     parts = [load_prompts(src, cfg.data.on_bad_row)[0]
@@ -289,7 +277,6 @@ class PPORun:
 
     def _start(self) -> None:
         cfg, p = self.cfg, self.cfg.ppo
-        env = {"DS_ACCELERATOR": "cpu"} if self.device == "cpu" else {}
         batch = p.rollout_batch_size * p.samples_per_prompt
         opt_steps = p.steps * p.ppo_epochs * (batch // p.mini_batch_size)
         critic = self.reward if p.advantage == "gae" else None
@@ -297,16 +284,9 @@ class PPORun:
         makers: dict[str, Callable[[], ActorGroup[Any]]] = {
             "rollout": lambda: rollout_group(cfg, self.policy),
             "reward": lambda: reward_group(cfg, self.reward, None),
-            "reference": lambda: role_group(
-                cfg, "reference", ReferenceWorker,
-                (self.policy, cfg.trainer.dtype, cfg.trainer.max_length,
-                 cfg.trainer.micro_batch_size, self.device, cfg.rollout.sampling.temperature)),
-            "trainer": lambda: role_group(
-                cfg, "trainer", PPOTrainerWorker,
-                (self.policy, cfg.trainer, p, critic, self.device, cfg.run.seed,
-                 cfg.rollout.sampling.temperature), env,
-                lambda g: start_ranks(g, PPOTrainerWorker.setup, opt_steps,
-                                      cfg.run.startup_timeout_s)),
+            "reference": lambda: reference_group(cfg, self.policy, self.device),
+            "trainer": lambda: ppo_trainer_group(cfg, self.policy, critic, self.device,
+                                                 opt_steps),
         }
         pool = ThreadPoolExecutor(len(makers))
         try:
@@ -666,8 +646,8 @@ class PPORun:
             try:
                 self._start()
                 if p.eval_every:
+                    from cai_ray.live_eval import LiveEval
                     from cai_ray.models import resolve
-                    from cai_ray.stages.evaluate import LiveEval
 
                     self.live = LiveEval(cfg, resolve(cfg.model), resolve(self.policy),
                                          cfg.eval.live_prompts)

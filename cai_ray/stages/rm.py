@@ -11,7 +11,6 @@ per aspect; the model goes to `DIR/rm/model` (written aside, then renamed).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -24,13 +23,13 @@ import datasets
 from tqdm import tqdm
 
 from cai_ray.actors.group import ActorGroup
-from cai_ray.actors.reward import RewardWorker
-from cai_ray.actors.trainer import save_group_model, start_ranks
+from cai_ray.actors.reward import RewardWorker, reward_group
+from cai_ray.actors.trainer import save_group_model
 from cai_ray.algorithms.preference import accuracy, bt_probability, reliability
-from cai_ray.config import Config, ModelSpec
+from cai_ray.config import Config
 from cai_ray.configschema import Problem, ValidationError
 from cai_ray.messages import Comparison
-from cai_ray.runtime import device_of, ray_session, role_group
+from cai_ray.runtime import ray_session
 from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -128,24 +127,6 @@ def evaluate(scores: list[tuple[float, float]], comps: list[Comparison]) -> dict
         out[aspect] = {"count": len(sel), "accuracy": accuracy(p_model, p_label), "ece": ece,
                        "reliability": bins}
     return out
-
-
-def reward_group(cfg: Config, spec: ModelSpec, total_steps: int | None
-                 ) -> ActorGroup[RewardWorker]:
-    """The reward group; `total_steps` set = join a process group and build the trainer."""
-    device = device_of(cfg)
-    r = cfg.reward
-    tcfg = dataclasses.replace(cfg.trainer, lr=r.lr, micro_batch_size=r.micro_batch_size,
-                               grad_accum=r.grad_accum, max_length=r.max_length)
-
-    def start(group: ActorGroup[RewardWorker]) -> None:
-        if total_steps is None:
-            group.call_all(RewardWorker.load_for_scoring)
-        else:
-            start_ranks(group, RewardWorker.setup, total_steps, cfg.run.startup_timeout_s)
-
-    return role_group(cfg, "reward", RewardWorker, (spec, tcfg, device, cfg.run.seed),
-                      {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {}, start)
 
 
 def score_pairs(group: ActorGroup[RewardWorker], comps: list[Comparison], batch: int

@@ -14,22 +14,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cai_ray.actors.group import ActorGroup, Pending
-from cai_ray.actors.rollout import RolloutWorker, vllm_env
-from cai_ray.config import Config, ModelSpec
+from cai_ray.actors.group import Pending
+from cai_ray.actors.rollout import RolloutWorker, rollout_group
+from cai_ray.config import Config
 from cai_ray.data import PromptStream, load_prompts
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
-from cai_ray.runtime import device_of, ray_session, role_group
+from cai_ray.runtime import ray_session
 
 log = logging.getLogger(__name__)
-
-
-def rollout_group(cfg: Config, model: ModelSpec | None = None) -> ActorGroup[RolloutWorker]:
-    """The rollout group serving `model` (default: the configured policy)."""
-    device = device_of(cfg)
-    return role_group(cfg, "rollout", RolloutWorker,
-                      (model or cfg.model, cfg.rollout.engine, device, cfg.run.seed),
-                      vllm_env(cfg.rollout.engine, device, cfg.placement.rollout.threads))
 
 
 def sample_requests(cfg: Config, prompts: list[Prompt]) -> list[GenerationRequest]:

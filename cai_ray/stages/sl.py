@@ -15,7 +15,6 @@ text.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -26,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cai_ray.actors.group import ActorGroup, Pending
-from cai_ray.actors.rollout import RolloutWorker
+from cai_ray.actors.rollout import RolloutWorker, rollout_group
 from cai_ray.config import Config, SourceConfig
 from cai_ray.configschema import Problem, ValidationError
 from cai_ray.constitution import (
@@ -38,15 +37,10 @@ from cai_ray.constitution import (
 from cai_ray.data import PromptStream, load_prompts
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
 from cai_ray.preflight import resolve_path
-from cai_ray.stages.sample import rollout_group
-from cai_ray.stages.store import ShardStore, build_views, unknown_principles
+from cai_ray.runtime import request_seed
+from cai_ray.store import ShardStore, build_views, unknown_principles
 
 log = logging.getLogger(__name__)
-
-
-def request_seed(seed: int, key: str, phase: str) -> int:
-    digest = hashlib.sha256(f"{seed}|{key}|{phase}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @dataclass

@@ -17,22 +17,13 @@ from pathlib import Path
 import datasets
 from tqdm import tqdm
 
-from cai_ray.actors.group import ActorGroup
-from cai_ray.actors.trainer import TrainerWorker, save_group_model, start_ranks
-from cai_ray.config import Config, ModelSpec
+from cai_ray.actors.trainer import TrainerWorker, save_group_model, trainer_group
+from cai_ray.config import Config
 from cai_ray.messages import SFTSample
-from cai_ray.runtime import device_of, ray_session, role_group
+from cai_ray.runtime import ray_session
 from cai_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def trainer_group(cfg: Config, model: ModelSpec, total_steps: int) -> ActorGroup[TrainerWorker]:
-    device = device_of(cfg)
-    return role_group(cfg, "trainer", TrainerWorker, (model, cfg.trainer, device, cfg.run.seed),
-                      {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {},
-                      lambda g: start_ranks(g, TrainerWorker.setup, total_steps,
-                                            cfg.run.startup_timeout_s))
 
 
 def _samples(ds: datasets.Dataset, idx: list[int]) -> list[SFTSample]:

@@ -200,10 +200,11 @@ def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_pa
 
 
 def test_judge_restarts_a_dead_feedback_actor(ray_local, tiny_model_dir) -> None:
+    from cai_ray.actors.feedback import feedback_group, judge
     from cai_ray.actors.group import Worker
     from cai_ray.constitution import load_constitution
+    from cai_ray.labelling import Labeller
     from cai_ray.preflight import resolve_path
-    from cai_ray.stages.label import Labeller, feedback_group, judge
 
     cfg = load_config(TINY, [])
     lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))

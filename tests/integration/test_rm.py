@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from cai_ray.actors.reward import reward_group
 from cai_ray.config import load_config
 from cai_ray.configschema import ValidationError
 from cai_ray.messages import Comparison
-from cai_ray.stages.rm import read_comparisons, reward_group, run_rm, score_pairs
+from cai_ray.stages.rm import read_comparisons, run_rm, score_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_ray.actors.rollout import RolloutWorker
+from cai_ray.actors.rollout import RolloutWorker, rollout_group
 from cai_ray.config import load_config
 from cai_ray.messages import GenerationRequest
-from cai_ray.stages.sample import rollout_group
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -35,13 +35,13 @@ def post(url: str, body: bytes, token: str | None, ctype: str = "application/jso
 def services(ray_local, tiny_model_dir, tmp_path_factory):
     import torch
 
-    from cai_ray.actors.reward import load_reward_model, save_reward_model
+    from cai_ray.actors.feedback import feedback_group
+    from cai_ray.actors.reward import load_reward_model, reward_group, save_reward_model
     from cai_ray.constitution import load_constitution
+    from cai_ray.labelling import Labeller
     from cai_ray.models import load_tokenizer
     from cai_ray.preflight import resolve_path
     from cai_ray.serve import Service, judge_handler, pm_handler
-    from cai_ray.stages.label import Labeller, feedback_group
-    from cai_ray.stages.rm import reward_group
 
     spec = ModelSpec(path="tiny-llama")
     torch.manual_seed(0)

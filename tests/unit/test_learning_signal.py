@@ -18,7 +18,7 @@ from cai_ray.config import load_config, rl_sampling_problems
 from cai_ray.configschema import ValidationError
 from cai_ray.messages import Prompt
 from cai_ray.stages.ppo import Sample, behaviour_logprobs, check_prompt_lengths
-from cai_ray.stages.store import FEATURES, train_view
+from cai_ray.store import FEATURES, train_view
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
