@@ -66,7 +66,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check cai_ray tests benchmarks
-	$(VENV)/bin/mypy cai_ray/config.py cai_ray/configschema.py cai_ray/messages.py cai_ray/algorithms cai_ray/labelling.py cai_ray/judgecheck.py cai_ray/checkpoint.py cai_ray/actors/weight_sync.py cai_ray/actors/group.py cai_ray/redaction.py
+	$(VENV)/bin/mypy cai_ray/config.py cai_ray/configschema.py cai_ray/configload.py cai_ray/configcheck.py cai_ray/messages.py cai_ray/algorithms cai_ray/labelling.py cai_ray/judgecheck.py cai_ray/checkpoint.py cai_ray/actors/weight_sync.py cai_ray/actors/group.py cai_ray/redaction.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,34 +1,19 @@
-"""Typed run configuration: one dataclass per component, defaults in exactly one place.
+"""The run configuration's schema: one typed dataclass per component, defaults in exactly one place.
 
-Resolution order: class defaults < named YAML file (`configs/*.yaml`) < `key.sub=value` overrides
-from the command line. `load_config` reports every unknown key, wrong type and impossible value in
-one `ValidationError` (each with its dotted path and whether it came from the file or the command
-line), then `check_environment` checks what lies outside the config (constitution file, data files,
-model names), all before any actor starts.
-
-    cfg = load_config("configs/cpu-smollm.yaml", ["ppo.steps=10", "rollout.engine.dtype=float32"])
+`Config` and its sections (`ModelSpec`, ..., `RunConfig`): each option's default, help text and
+range check, and each section's own `problems()`; `ROLES`. Checks reading a whole `Config` are in
+`cai_ray.configcheck`, loading (defaults < YAML file < `key.sub=value` overrides) and saving in
+`cai_ray.configload`; both are re-exported at the end, so importers use `cai_ray.config`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from cai_ray.configschema import (
-    Problem,
-    ValidationError,
-    build,
-    in_range,
-    non_empty,
-    non_negative,
-    option,
-    positive,
-    to_dict,
-)
+from cai_ray.configschema import in_range, non_empty, non_negative, option, positive, to_dict
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 ROLES = ("rollout", "feedback", "reward", "trainer", "reference")
@@ -299,17 +284,6 @@ class SourceConfig:
         return same and (a1 is None or b0 < a1) and (b1 is None or a0 < b1)
 
 
-def eval_overlaps(cfg: Config) -> list[str]:
-    """Eval sources that share rows with a source the run trains on: efficacy numbers there
-    would not be held out."""
-    train = {"data.red_team": cfg.data.red_team, "data.helpful": cfg.data.helpful}
-    ev = {"eval.red_team": cfg.eval.red_team, "eval.helpful": cfg.eval.helpful}
-    if cfg.eval.over_refusal is not None:
-        ev["eval.over_refusal"] = cfg.eval.over_refusal
-    return [f"{e} ({src.name}) shares rows with {t}: set {e}.skip past {t}'s rows"
-            for e, src in ev.items() for t, tsrc in train.items() if src.overlaps(tsrc)]
-
-
 @dataclass
 class DataConfig:
     red_team: SourceConfig = option(factory=SourceConfig, help="red-team prompts")
@@ -515,171 +489,15 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def shared_gpu_reason(cfg: Config) -> str | None:
-    """Why trainer rank 0 and a rollout engine may sit on one GPU (NCCL refuses two ranks of
-    one communicator on a device: "Duplicate GPU detected"), or None when each has its own."""
-    pl = cfg.placement
-    for group in pl.colocate:
-        if "trainer" in group and "rollout" in group:
-            return "placement.colocate puts the trainer and the rollout engines on shared bundles"
-    for role in ("trainer", "rollout"):
-        g = getattr(pl, role).num_gpus
-        if 0 < g < 1:
-            return (f"placement.{role}.num_gpus={g} is a fraction: Ray may put it on a GPU "
-                    "another role uses")
-    return None
-
-
-def weight_transport(cfg: Config, device: str) -> str:
-    """The weight-sync transport a run uses on `device` ("cpu" or "cuda"): the configured one,
-    or for `auto` NCCL on GPU when no two of its ranks can share a device, else the object
-    store. `weight_sync_problems` refuses an explicit choice that cannot work."""
-    w = cfg.ppo.weight_sync
-    if w != "auto":
-        return w
-    return ("collective" if device == "cuda" and shared_gpu_reason(cfg) is None
-            else "object_store")
-
-
-def weight_sync_problems(cfg: Config, device: str) -> list[tuple[str, str]]:
-    """An explicit `collective` sync that cannot work: on GPU its backend is NCCL, which
-    refuses two ranks of one group on one device (on CPU it is gloo, which has no such
-    limit)."""
-    if cfg.ppo.weight_sync != "collective" or device != "cuda":
-        return []
-    why = shared_gpu_reason(cfg)
-    if why:
-        return [("ppo.weight_sync", f"collective (NCCL on GPU) cannot work here: {why}, and "
-                 "NCCL refuses two ranks of one group on one GPU (use auto or object_store)")]
-    return []
-
-
-def rl_sampling_problems(cfg: Config) -> list[Problem]:
-    """Sampling settings the RL stage cannot train on. PPO's ratio, its gradient and the KL
-    need the log-probs of the distribution that sampled each token: the trainer reproduces
-    the temperature exactly (softmax(logits / T)), but not vLLM's nucleus and top-k cuts or
-    its repetition penalty, so those are refused for RL rather than trained on a policy
-    that never produced the tokens (SL generation has `sl.top_p` and
-    `sl.repetition_penalty` of its own)."""
-    s = cfg.rollout.sampling
-    bad = []
-    if s.top_p < 1.0:
-        bad.append(("rollout.sampling.top_p", f"is {s.top_p}; RL needs 1.0"))
-    if s.top_k:
-        bad.append(("rollout.sampling.top_k", f"is {s.top_k}; RL needs 0 (off)"))
-    if s.repetition_penalty != 1.0:
-        bad.append(("rollout.sampling.repetition_penalty",
-                    f"is {s.repetition_penalty}; RL needs 1.0"))
-    if s.temperature <= 0:
-        bad.append(("rollout.sampling.temperature", "must be > 0 for RL (greedy decoding "
-                    "has no log-probs to train on)"))
-    why = ("the PPO trainer computes log-probs of softmax(logits / temperature) and cannot "
-           "reproduce this setting of the sampler")
-    return [Problem(key, f"{msg}: {why}", "config") for key, msg in bad]
-
-
-# --- loading ------------------------------------------------------------------------------------
-
-def parse_overrides(items: list[str]) -> tuple[dict[str, Any], list[Problem]]:
-    """`a.b=1` strings into a nested dict; values parsed as YAML scalars/lists ("3", "[1,2]")."""
-    tree: dict[str, Any] = {}
-    problems: list[Problem] = []
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key.strip()):
-            problems.append(Problem(item, "override must look like key.sub=value",
-                                    "command line"))
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(Problem(key, "conflicts with another override", "command line"))
-                break
-        else:
-            node[parts[-1]] = value
-    return tree, problems
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _leaf_paths(tree: dict[str, Any], prefix: str = "") -> set[str]:
-    paths = set()
-    for k, v in tree.items():
-        p = f"{prefix}{k}"
-        paths.add(p)
-        if isinstance(v, dict):
-            paths |= _leaf_paths(v, p + ".")
-    return paths
-
-
-def read_yaml_mapping(path: Path, problems: list[Problem]) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; problems name the file and line."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        problems.append(Problem("", "file not found", str(path)))
-        return {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problems.append(Problem("", f"invalid YAML: {where}{getattr(e, 'problem', e)}", str(path)))
-        return {}
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        problems.append(Problem("", f"expected a mapping at the top, got {type(data).__name__}",
-                                str(path)))
-        return {}
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                check_env: bool = True) -> Config:
-    """Resolve defaults < file < overrides; raise ValidationError listing every problem."""
-    problems: list[Problem] = []
-    file_data: dict[str, Any] = {}
-    if path is not None:
-        file_data = read_yaml_mapping(Path(path), problems)
-    over_data, over_problems = parse_overrides(overrides or [])
-    problems += over_problems
-    from_cli = _leaf_paths(over_data)
-    file_name = str(path) if path is not None else "defaults"
-
-    def source_of(dotted: str) -> str:
-        parts = dotted.split(".")
-        for i in range(len(parts), 0, -1):
-            if ".".join(parts[:i]) in from_cli:
-                return "command line"
-        return file_name
-
-    cfg: Config = build(Config, _merge(file_data, over_data), "", problems, source_of)
-    if check_env:  # also with schema problems: the user gets every problem in one pass
-        from cai_ray.preflight import check_environment
-        problems += check_environment(cfg, source_of)
-    if problems:
-        raise ValidationError(f"invalid config {file_name}", problems)
-    return cfg
-
-
-def save_config(cfg: Config, run_dir: str | Path) -> Path:
-    """Write the resolved config into the run directory (secrets never live in the config)."""
-    out = Path(run_dir) / "config.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    tmp.replace(out)
-    return out
+# --- re-exports ---------------------------------------------------------------------------------
+# configcheck and configload import this module only lazily or for type checking (no cycle).
+# `Config.problems` calls `weight_sync_problems` from here.
+from cai_ray.configcheck import eval_overlaps as eval_overlaps  # noqa: E402
+from cai_ray.configcheck import rl_sampling_problems as rl_sampling_problems  # noqa: E402
+from cai_ray.configcheck import shared_gpu_reason as shared_gpu_reason  # noqa: E402
+from cai_ray.configcheck import weight_sync_problems as weight_sync_problems  # noqa: E402
+from cai_ray.configcheck import weight_transport as weight_transport  # noqa: E402
+from cai_ray.configload import load_config as load_config  # noqa: E402
+from cai_ray.configload import parse_overrides as parse_overrides  # noqa: E402
+from cai_ray.configload import read_yaml_mapping as read_yaml_mapping  # noqa: E402
+from cai_ray.configload import save_config as save_config  # noqa: E402
