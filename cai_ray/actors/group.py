@@ -6,9 +6,10 @@
 
 Methods are named by the function object (`RolloutWorker.generate`), never by a string, so a
 rename is caught by the type checker. Every wait has a timeout; an actor error or a timeout is
-re-raised naming the role, the rank and the method. `local=True` runs the same workers in this
-process (one thread per actor, so calls to one actor stay serial like a Ray actor's), which is how
-driver logic is tested without a cluster.
+re-raised naming the role, the rank and the method; a dead or hung actor can be restarted.
+`local=True` runs the same workers in this process (actors/local.py), which is how driver logic
+is tested without a cluster: a worker that raises `WorkerDied` is reported and restarted like a
+dead Ray actor. Placement groups shared by colocated roles: actors/placement.py.
 
 Ctrl-C. Every wait blocks for at most `WAIT_SLICE_S` at a time (the total timeout is unchanged),
 so a KeyboardInterrupt lands within that whatever the blocking call does with signals (Ray 2.60's
@@ -25,7 +26,6 @@ import concurrent.futures as cf
 import functools
 import logging
 import os
-import queue
 import re
 import sys
 import threading
@@ -35,6 +35,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
+from cai_ray.actors.local import WorkerDied, _LocalActor, futures_wait
+from cai_ray.actors.placement import SHARED_PLACEMENTS, Colocation, own_placement_group
+from cai_ray.actors.placement import _alive as _alive  # re-exported (defined here before)
+from cai_ray.actors.placement import _Shared as _Shared
+from cai_ray.actors.placement import _SharedPlacements as _SharedPlacements
 from cai_ray.config import RoleResources
 
 log = logging.getLogger(__name__)
@@ -87,17 +92,6 @@ def ray_wait(refs: list[Any], num_returns: int = 1, timeout: float | None = None
         if len(ready) >= num_returns or not left or \
                 (deadline is not None and time.monotonic() >= deadline):
             return ready, left
-
-
-def futures_wait(futures: list[cf.Future], timeout: float | None = None,
-                 return_when: str = cf.ALL_COMPLETED) -> tuple[set[cf.Future], set[cf.Future]]:
-    """`concurrent.futures.wait` with the same result, waiting in slices of WAIT_SLICE_S."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        done, not_done = cf.wait(futures, timeout=_slice(deadline), return_when=return_when)
-        if not not_done or (return_when == cf.FIRST_COMPLETED and done) or \
-                (deadline is not None and time.monotonic() >= deadline):
-            return done, not_done
 
 
 class ActorCallError(RuntimeError):
@@ -162,145 +156,6 @@ class Pending(Generic[R]):
     started: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class Colocation:
-    """Roles that share one placement group (`placement.colocate`): bundle i holds rank i of
-    every role in `roles`, so it is sized as the sum of their per-actor resources."""
-
-    roles: tuple[str, ...]
-    cpus: float  # per bundle: the sum over the roles
-    gpus: float
-    num_bundles: int
-
-    @classmethod
-    def of(cls, roles: list[str], resources: list[RoleResources]) -> Colocation:
-        counts = {r.num_actors for r in resources}
-        if len(counts) != 1:
-            raise ValueError(f"colocated roles {roles} need equal num_actors, got "
-                             f"{[r.num_actors for r in resources]}")
-        return cls(tuple(roles), float(sum(r.num_cpus for r in resources)),
-                   float(sum(r.num_gpus for r in resources)), counts.pop())
-
-    @property
-    def bundle(self) -> dict[str, float]:
-        return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v > 0}
-
-
-@dataclass
-class _Shared:
-    pg: Any
-    refs: int
-    ready: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-
-
-def _alive(pg: Any) -> bool:
-    from ray.util.placement_group import placement_group_table
-
-    try:
-        return bool(placement_group_table(pg).get("state") == "CREATED")
-    except Exception:  # noqa: BLE001 - unknown to this Ray session
-        return False
-
-
-class _SharedPlacements:
-    """The placement groups of colocated roles in this driver, reference-counted: the first
-    group of a colocated set creates it, the last one to shut down removes it. The colocated
-    roles start concurrently: the first waits for the group to be placed (outside the lock,
-    so other sets and releases go on), the others wait for its outcome, success or failure.
-    An entry whose group Ray no longer holds (a Ray session that ended without the groups
-    shutting down) is replaced, never reused."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._groups: dict[tuple[str, Colocation, str], _Shared] = {}
-
-    def acquire(self, col: Colocation, strategy: str, timeout_s: float) -> tuple[Any, Any]:
-        """(key, placement group), creating and waiting for it on first use."""
-        import ray
-        from ray.util.placement_group import placement_group
-
-        key = (ray.get_runtime_context().get_job_id(), col, strategy)
-        with self._lock:
-            entry = self._groups.get(key)
-            if entry is not None and entry.ready.is_set() and not _alive(entry.pg):
-                entry = None  # left over from an earlier Ray session
-            creator = entry is None
-            if entry is None:
-                entry = _Shared(placement_group(
-                    [col.bundle] * col.num_bundles, strategy=strategy,
-                    name=f"cai-ray-{'+'.join(col.roles)}-{os.getpid()}"), 1)
-                self._groups[key] = entry
-            else:
-                entry.refs += 1
-        if creator:
-            ready, _ = ray_wait([entry.pg.ready()], timeout=timeout_s)
-            if not ready:
-                entry.error = ActorTimeoutError(
-                    "+".join(col.roles), list(range(col.num_bundles)),
-                    f"placement group ({col.num_bundles} × {col.bundle}, shared; cluster has "
-                    f"{ray.available_resources()})", timeout_s)
-                with self._lock:
-                    self._groups.pop(key, None)
-                ray.util.remove_placement_group(entry.pg)
-            entry.ready.set()
-        elif not entry.ready.wait(timeout_s):
-            self.release(key)
-            raise ActorTimeoutError("+".join(col.roles), list(range(col.num_bundles)),
-                                    "placement group (shared, still being placed)", timeout_s)
-        if entry.error is not None:
-            raise entry.error
-        return key, entry.pg
-
-    def release(self, key: Any) -> None:
-        import ray
-
-        with self._lock:
-            entry = self._groups.get(key)
-            if entry is None:  # failed to place, or already replaced
-                return
-            entry.refs -= 1
-            if entry.refs > 0:
-                return
-            del self._groups[key]
-        ray.util.remove_placement_group(entry.pg)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self._groups)
-
-
-SHARED_PLACEMENTS = _SharedPlacements()
-
-
-class _LocalActor:
-    """One worker in this process, served by one daemon thread: calls run one at a time and a
-    hung call cannot block interpreter exit."""
-
-    def __init__(self, factory: Callable[[], Any]):
-        self._jobs: queue.Queue[tuple[Callable[..., Any], tuple, dict, cf.Future]] = queue.Queue()
-        self.instance: Any = None
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-        self.ready: cf.Future = self.submit(lambda: setattr(self, "instance", factory()))
-
-    def _serve(self) -> None:
-        while True:
-            fn, args, kwargs, fut = self._jobs.get()
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                e.__cai_tb__ = traceback.format_exc()  # type: ignore[attr-defined]
-                fut.set_exception(e)
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> cf.Future:
-        fut: cf.Future = cf.Future()
-        self._jobs.put((fn, args, kwargs, fut))
-        return fut
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -346,24 +201,23 @@ class ActorGroup(Generic[W]):
         affinity = tuple(resources.cpu_affinity) if resources.cpu_affinity else None
         ctxs = [WorkerContext(role, r, n, threads, affinity) for r in range(n)]
         kwargs = init_kwargs or {}
+        self._spawn: list[Callable[[], Any]] = []  # rank -> start a fresh actor (a restart)
         t0 = time.monotonic()
         if local:
             for k, v in (env_vars or {}).items():
                 os.environ.setdefault(k, v)
-            self._actors = [_LocalActor(functools.partial(worker_cls, c, *init_args, **kwargs))
-                            for c in ctxs]
-            pend: list[Pending[Any]] = [Pending(role, r, "__init__", a.ready)
-                                        for r, a in enumerate(self._actors)]
+            self._spawn = [functools.partial(
+                _LocalActor, functools.partial(worker_cls, c, *init_args, **kwargs),
+                f"{role}[rank {c.rank}]") for c in ctxs]
+            self._actors = [spawn() for spawn in self._spawn]
         else:
             try:
                 self._start_ray(ctxs, init_args, kwargs, env_vars or {}, strategy)
             except BaseException:
                 self.shutdown(grace_s=5.0)  # a shared placement group is released too
                 raise
-            pend = [Pending(role, r, "__init__", a.ping.remote())
-                    for r, a in enumerate(self._actors)]
         try:
-            self.get(pend, timeout=startup_timeout_s)
+            self.get([self._started(r) for r in range(n)], timeout=startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
@@ -377,7 +231,6 @@ class ActorGroup(Generic[W]):
     def _start_ray(self, ctxs: list[WorkerContext], init_args: tuple, kwargs: dict[str, Any],
                    env_vars: dict[str, str], strategy: str) -> None:
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         res = self.resources
@@ -387,17 +240,9 @@ class ActorGroup(Generic[W]):
                 self._shared_key, self._pg = SHARED_PLACEMENTS.acquire(
                     self.colocation, strategy, self.startup_timeout_s)
         elif bundle:
-            self._pg = placement_group([bundle] * res.num_actors, strategy=strategy,
-                                       name=f"cai-ray-{self.role}-{os.getpid()}-{id(self)}")
-            ready, _ = ray_wait([self._pg.ready()], timeout=self.startup_timeout_s)
-            if not ready:
-                ray.util.remove_placement_group(self._pg)
-                raise ActorTimeoutError(self.role, list(range(res.num_actors)),
-                                        f"placement group ({res.num_actors} × {bundle}; cluster "
-                                        f"has {ray.available_resources()})",
-                                        self.startup_timeout_s)
+            self._pg = own_placement_group(self.role, bundle, res.num_actors, strategy,
+                                           self.startup_timeout_s, f"{os.getpid()}-{id(self)}")
         remote_cls = ray.remote(self.worker_cls)
-        self._spawn: list[Callable[[], Any]] = []
         for ctx in ctxs:
             opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
                                     "runtime_env": {"env_vars": env_vars} if env_vars else None}
@@ -408,6 +253,23 @@ class ActorGroup(Generic[W]):
                 c, *init_args, **kwargs), opts, ctx)
             self._spawn.append(spawn)
             self._actors.append(spawn())
+
+    def _started(self, rank: int) -> Pending[Any]:
+        """The call that finishes once the actor of `rank` has started (its `__init__` ran)."""
+        a = self._actors[rank]
+        return Pending(self.role, rank, "__init__", a.ready if self.local else a.ping.remote())
+
+    def _kill(self, actor: Any, why: str) -> None:
+        """Stop one actor without `close`; calls still running on it fail as an actor death."""
+        if self.local:
+            actor.kill(f"killed: {why}")
+            return
+        import ray
+
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
     def restarts_since(self, t: float) -> bool:
         """Whether an actor was restarted at or after monotonic time `t` (calls submitted
@@ -427,11 +289,10 @@ class ActorGroup(Generic[W]):
     def restart_failed(self, err: ActorCallError | ActorTimeoutError, max_restarts: int
                        ) -> list[float]:
         """Restart the actors behind `err` (a death, or calls that hung past their timeout)
-        and return the seconds each took; re-raise any other error, in local mode, or past
-        `max_restarts`. A death reported by a call to an actor already replaced restarts
-        nothing (the caller submits the call again)."""
-        if self.local or (isinstance(err, ActorCallError) and not err.actor_died) or \
-                err.role != self.role:
+        and return the seconds each took; re-raise any other error, or past `max_restarts`.
+        A death reported by a call to an actor already replaced restarts nothing (the caller
+        submits the call again)."""
+        if (isinstance(err, ActorCallError) and not err.actor_died) or err.role != self.role:
             raise err
         if isinstance(err, ActorCallError):
             if self.replaced_since(err.rank, err.started):
@@ -453,20 +314,13 @@ class ActorGroup(Generic[W]):
     def restart(self, rank: int) -> float:
         """Replace the actor of `rank` (dead or hung) by a fresh one on the same bundle, started
         with the same arguments; returns the seconds it took. Its state (weights pushed since
-        start-up, caches) is gone: the caller restores what it needs."""
-        if self.local:
-            raise RuntimeError(f"{self.role}: actors cannot be restarted in local mode")
-        import ray
-
+        start-up, caches) is gone: the caller restores what it needs. In local mode too: the
+        old actor's thread stops and a fresh worker is built on a new one."""
         t0 = time.monotonic()
-        try:
-            ray.kill(self._actors[rank], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        self._kill(self._actors[rank], "the actor was restarted")
         self._actors[rank] = self._spawn[rank]()
         self._inflight[rank] = 0
-        self.get([Pending(self.role, rank, "__init__", self._actors[rank].ping.remote())],
-                 timeout=self.startup_timeout_s)
+        self.get([self._started(rank)], timeout=self.startup_timeout_s)
         seconds = time.monotonic() - t0
         self.restarts += 1
         self._restart_times.append(t0)
@@ -547,9 +401,11 @@ class ActorGroup(Generic[W]):
             try:
                 return p.handle.result(timeout=0)  # type: ignore[no-any-return,unused-ignore]
             except Exception as e:
-                tb = getattr(e, "__cai_tb__", "")
+                died = isinstance(e, WorkerDied)  # the local stand-in for a dead process
+                detail = f"{type(e).__name__}: {e}\n{getattr(e, '__cai_tb__', '')}"
                 raise ActorCallError(self.role, p.rank, p.method,
-                                     f"{type(e).__name__}: {e}\n{tb}") from e
+                                     f"the actor died ({detail})" if died else detail,
+                                     actor_died=died, started=p.started if died else 0.0) from e
         import ray
 
         try:
@@ -561,18 +417,21 @@ class ActorGroup(Generic[W]):
                                  f"the actor died ({_remote_detail(e)})", actor_died=True,
                                  started=p.started) from e
 
+    def _wait(self, pendings: list[Pending[Any]], limit: float, first: bool) -> set[Any]:
+        """The handles of the calls done within `limit` s: all, or (`first`) one at least."""
+        handles = [p.handle for p in pendings]
+        if self.local:
+            when = cf.FIRST_COMPLETED if first else cf.ALL_COMPLETED
+            return futures_wait(handles, limit, when)[0]
+        return set(ray_wait(handles, num_returns=1 if first else len(handles), timeout=limit)[0])
+
     def get(self, pendings: list[Pending[R]], timeout: float | None = None) -> list[R]:
         """Wait for all calls (at most `timeout`, default run.call_timeout_s); results in order."""
         limit = self.call_timeout_s if timeout is None else timeout
         if not pendings:
             return []
-        if self.local:
-            _, not_done = futures_wait([p.handle for p in pendings], timeout=limit)
-            late = [p for p in pendings if p.handle in not_done]
-        else:
-            refs = [p.handle for p in pendings]
-            _, not_ready = ray_wait(refs, num_returns=len(refs), timeout=limit)
-            late = [p for p in pendings if p.handle in set(not_ready)]
+        done = self._wait(pendings, limit, first=False)
+        late = [p for p in pendings if p.handle not in done]
         if late:
             raise ActorTimeoutError(self.role, sorted({p.rank for p in late}), late[0].method,
                                     limit)
@@ -586,13 +445,7 @@ class ActorGroup(Generic[W]):
         limit = self.call_timeout_s if timeout is None else timeout
         if not pendings:
             return [], []
-        done: set[Any]
-        if self.local:
-            done, _ = futures_wait([p.handle for p in pendings], timeout=limit,
-                                   return_when=cf.FIRST_COMPLETED)
-        else:
-            ready, _ = ray_wait([p.handle for p in pendings], num_returns=1, timeout=limit)
-            done = set(ready)
+        done = self._wait(pendings, limit, first=True)
         first = [p for p in pendings if p.handle in done]
         if not first:
             raise ActorTimeoutError(self.role, sorted({p.rank for p in pendings}),
@@ -635,15 +488,12 @@ class ActorGroup(Generic[W]):
     def _stop(self) -> None:
         actors, pg, key = self._actors, self._pg, self._shared_key
         self._actors, self._pg, self._shared_key = [], None, None
+        for a in actors:
+            self._kill(a, "the group was shut down")
         if self.local:
             return
         import ray
 
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
         if key is not None:  # the last colocated role removes it
             SHARED_PLACEMENTS.release(key)
         elif pg is not None:

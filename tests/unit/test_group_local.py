@@ -12,7 +12,14 @@ from contextlib import contextmanager
 import pytest
 
 import cai_ray.actors.group as group_mod
-from cai_ray.actors.group import ActorCallError, ActorGroup, ActorTimeoutError
+from cai_ray.actors.group import (
+    ActorCallError,
+    ActorGroup,
+    ActorTimeoutError,
+    Worker,
+    WorkerContext,
+    WorkerDied,
+)
 from cai_ray.config import RoleResources
 from tests.workers import BrokenWorker, EchoWorker, not_a_method
 
@@ -80,6 +87,133 @@ def test_only_methods_of_the_role_can_be_called() -> None:
         g.call(0, not_a_method)  # type: ignore[arg-type]
     g.shutdown()
 
+
+# --- local restarts: WorkerDied stands for a dead process ---------------------------------------
+
+class FlakyWorker(Worker):
+    """Counts its calls (state a restart must reset) and dies or fails on request."""
+
+    def __init__(self, ctx: WorkerContext, built: list[int]):
+        super().__init__(ctx)
+        built.append(ctx.rank)  # one entry per worker built, restarts included
+        self.calls = 0
+
+    def bump(self) -> int:
+        self.calls += 1
+        return self.calls
+
+    def die(self) -> int:
+        raise WorkerDied("simulated crash")
+
+    def fail(self) -> int:
+        raise ValueError("an ordinary bug")
+
+    def block(self, release: threading.Event) -> int:
+        release.wait(10.0)
+        return 0
+
+
+def flaky(n: int = 2, timeout: float = 5.0) -> tuple[ActorGroup[FlakyWorker], list[int]]:
+    built: list[int] = []
+    g = ActorGroup("flaky", FlakyWorker, RoleResources(num_actors=n), local=True,
+                   call_timeout_s=timeout, startup_timeout_s=5.0, init_kwargs={"built": built})
+    return g, built
+
+
+def test_worker_died_is_reported_as_a_dead_actor_and_restarted_fresh() -> None:
+    g, built = flaky(2)
+    assert [g.call(0, FlakyWorker.bump) for _ in range(3)] == [1, 2, 3]
+    t0 = time.monotonic()
+    dying, behind = g.submit(0, FlakyWorker.die), g.submit(0, FlakyWorker.bump)
+    with pytest.raises(ActorCallError) as exc:
+        g.get([dying])
+    err = exc.value
+    assert err.actor_died and err.role == "flaky" and err.rank == 0 and err.method == "die"
+    assert err.started >= t0
+    assert "flaky[rank 0].die failed: the actor died (WorkerDied: simulated crash" in str(err)
+    assert isinstance(err.__cause__, WorkerDied)
+    for late in (behind, g.submit(0, FlakyWorker.bump)):  # queued behind it, or sent after
+        with pytest.raises(ActorCallError, match="the actor died") as stale:
+            g.get([late])
+        assert stale.value.actor_died
+    assert g.call(1, FlakyWorker.bump) == 1  # the other actor lives on
+    old = g._actors[0]
+    assert g.restarts == 0 and not g.restarts_since(t0)
+
+    seconds = g.restart_failed(err, max_restarts=2)
+    assert len(seconds) == 1 and 0 <= seconds[0] < 5.0
+    assert g.restarts == 1 and g.restarts_since(t0) and g.replaced_since(0, t0)
+    assert sorted(built) == [0, 0, 1]  # rank 0 built again with the same init arguments
+    assert g.call(0, FlakyWorker.bump) == 1  # fresh state
+    assert g.call(1, FlakyWorker.bump) == 2  # untouched
+    old._thread.join(1.0)
+    assert not old._thread.is_alive()  # the dead actor's thread ended
+    assert g.restart_failed(stale.value, max_restarts=2) == []  # the old actor's: no restart
+    assert g.restarts == 1
+    g.shutdown()
+
+
+def test_local_restart_budget_is_the_ray_one() -> None:
+    g, built = flaky(2)
+    with pytest.raises(ActorCallError) as exc:
+        g.call(1, FlakyWorker.die)
+    g.restart_failed(exc.value, max_restarts=1)
+    with pytest.raises(ActorCallError) as exc:
+        g.call(1, FlakyWorker.die)
+    with pytest.raises(RuntimeError, match=r"flaky: 1 restarts already \(run.max_restarts=1\)"):
+        g.restart_failed(exc.value, max_restarts=1)
+    assert g.restarts == 1 and sorted(built) == [0, 1, 1]
+    g.shutdown()
+
+
+def test_with_restarts_retries_the_action_after_a_local_death() -> None:
+    g, _ = flaky(2)
+    attempts: list[int] = []
+
+    def action() -> list[int]:
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            g.call(0, FlakyWorker.die)
+        return g.call_all(FlakyWorker.bump)
+
+    assert g.with_restarts(action, max_restarts=2) == [1, 1]
+    assert len(attempts) == 2 and g.restarts == 1
+    with pytest.raises(RuntimeError, match=r"1 restarts already \(run.max_restarts=1\)"):
+        g.with_restarts(lambda: g.call(0, FlakyWorker.die), max_restarts=1)
+    g.shutdown()
+
+
+def test_an_ordinary_exception_is_not_a_death() -> None:
+    g, built = flaky(1)
+    assert g.call(0, FlakyWorker.bump) == 1
+    with pytest.raises(ActorCallError) as exc:
+        g.call(0, FlakyWorker.fail)
+    assert not exc.value.actor_died
+    assert "flaky[rank 0].fail failed: ValueError: an ordinary bug" in str(exc.value)
+    with pytest.raises(ActorCallError):  # re-raised, not restarted
+        g.restart_failed(exc.value, max_restarts=5)
+    with pytest.raises(ActorCallError, match="ValueError"):
+        g.with_restarts(lambda: g.call(0, FlakyWorker.fail), max_restarts=5)
+    assert g.restarts == 0 and built == [0]
+    assert g.call(0, FlakyWorker.bump) == 2  # the same actor, state kept
+    g.shutdown()
+
+
+def test_hung_local_call_is_restarted_and_fails_as_died() -> None:
+    g, built = flaky(1, timeout=0.05)
+    release = threading.Event()
+    hung = g.submit(0, FlakyWorker.block, release)
+    try:
+        with pytest.raises(ActorTimeoutError) as exc:
+            g.get([hung])
+        assert len(g.restart_failed(exc.value, max_restarts=1)) == 1
+        with pytest.raises(ActorCallError, match="killed: the actor was restarted") as dead:
+            g.get([hung])  # failed at once, though its thread is still blocked
+        assert dead.value.actor_died
+        assert g.call(0, FlakyWorker.bump) == 1 and built == [0, 0] and g.restarts == 1
+    finally:
+        release.set()
+    g.shutdown()
 
 
 # --- Ctrl-C: waits happen in short slices -------------------------------------------------------
