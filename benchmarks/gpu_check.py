@@ -145,7 +145,7 @@ def check_trainer(tag: str, model_dir: Path, device: str, dtype: str, zero: int)
 
     from cai_ray.actors.weight_sync import export_names
     from cai_ray.hardware import torch_dtype
-    from cai_ray.messages import SFTSample
+    from cai_ray.messages import Experience, SFTSample
 
     temp = 0.7
     tdt = torch_dtype(dtype)
@@ -169,7 +169,7 @@ def check_trainer(tag: str, model_dir: Path, device: str, dtype: str, zero: int)
            list(got) == export_names(w.engine.module), equal=len(same), expected=len(want))
 
     seqs = random_seqs(8, hf.config.vocab_size, 0)
-    trainer_lp = w.experience(seqs)[0].float()
+    trainer_lp = w.experience(seqs).logprobs.float()
     ref_lp = hf_logprobs(hf, seqs, temp, device)
     control = hf_logprobs(hf, seqs, 1.0, device)
     hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -193,18 +193,18 @@ def check_trainer(tag: str, model_dir: Path, device: str, dtype: str, zero: int)
            seconds_per_step=(time.monotonic() - t0) / 5)
 
     seqs = random_seqs(8, hf.config.vocab_size, 1)
-    old = w.experience(seqs)[0]
+    old = w.experience(seqs).logprobs
     adv_seq = torch.tensor([1.0, -1.0] * 4)
     adv = torch.cat([adv_seq[i].repeat(len(r)) for i, (_, r) in enumerate(seqs)])
     t0 = time.monotonic()
-    stats = w.train_ppo(seqs, old, adv, None, None)
-    new = w.experience(seqs)[0]
+    stats = w.train_ppo(Experience(seqs, adv, old_logprobs=old))
+    new = w.experience(seqs).logprobs
     per = [float((new - old)[sum(len(r) for _, r in seqs[:i]):
                              sum(len(r) for _, r in seqs[:i + 1])].float().mean())
            for i in range(len(seqs))]
     up = sum(per[0::2]) / 4 - sum(per[1::2]) / 4
-    record(f"{name}: PPO step", all(math.isfinite(v) for v in stats.values()) and up > 0,
-           logp_gain_pos_minus_neg=up, clip_fraction=float(stats.get("clip_fraction", float("nan"))),
+    record(f"{name}: PPO step", all(math.isfinite(v) for v in stats.metrics().values()) and
+           up > 0, logp_gain_pos_minus_neg=up, clip_fraction=stats.clip_fraction,
            seconds=time.monotonic() - t0)
 
     after = {n: t.clone() for n, t in w._gathered()}

@@ -142,7 +142,7 @@ def trl_grpo(cfg: Config, pm: Path, P: int, G: int, L: int, steps: int) -> float
     from cai_ray.actors.reward import load_reward_model
     from cai_ray.actors.trainer import encode_chat
     from cai_ray.models import load_tokenizer, resolve
-    from cai_ray.stages.ppo import ppo_prompts
+    from cai_ray.rollouts import ppo_prompts
 
     torch.set_num_threads(2)
     spec = ModelSpec(path=str(pm))

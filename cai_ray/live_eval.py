@@ -42,7 +42,8 @@ class LiveEval:
                         "helpful": eval_prompts(cfg.eval.helpful, cfg)[:limit]}
         self.refs: dict[str, dict[str, list[float]]] = {}  # snapshot → aspect → PM scores
 
-    def _answer(self, rollout: ActorGroupT) -> dict[str, list[tuple[list[dict[str, str]], str]]]:
+    def _answer(self, rollout: ActorGroupT
+                ) -> dict[str, list[tuple[list[dict[str, str]], str, bool]]]:
         e = self.cfg.eval
         out = {}
         for aspect, prompts in self.prompts.items():

@@ -8,6 +8,7 @@ CPU tensors), never an untyped dict, and every batch produced by a policy carrie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ChatMessage = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -94,3 +95,100 @@ class Comparison:
     aspect: str = "harmless"  # "harmless" | "helpful"
     finished_a: bool = True  # response A stopped by itself (False: cut at max_new_tokens)
     finished_b: bool = True
+
+
+def shard_bounds(n: int, world: int) -> list[int]:
+    """Cut points of `n` items over `world` ranks in contiguous shards, rank r holding
+    items[b[r]:b[r + 1]]: the split every sharded call uses (`ActorGroup.submit_shards`)."""
+    return [n * r // world for r in range(world + 1)]
+
+
+@dataclass(frozen=True)
+class PolicyForward:
+    """The trainer's forward pass over a batch before it trains on it, no gradients."""
+
+    logprobs: Any  # [N] response-token log-probs at the sampler's temperature, flat row-major
+    values: Any | None  # [N] the critic's value before each response token; None: no critic
+
+
+@dataclass
+class Experience:
+    """One PPO batch as the trainer trains on it. Per-token fields are flat [N] float32 CPU
+    tensors over the response tokens of `sequences`, row-major (N = Σ len(response ids)), the
+    layout `token_logprobs` produces; None where the configuration does not use them."""
+
+    sequences: list[tuple[list[int], list[int]]]  # (prompt ids, response ids) as sampled
+    advantages: Any  # [N]
+    old_logprobs: Any | None = None  # [N] proximal policy; None: this very forward's (single
+    #                                  update, `ppo.single_update`)
+    returns: Any | None = None  # [N] critic targets (advantage=gae)
+    old_values: Any | None = None  # [N] critic values before the update (advantage=gae)
+    ref_logprobs: Any | None = None  # [N] the reference's, when the KL is in the loss
+    behaviour_logprobs: Any | None = None  # [N] the sampler's for tokens of stale samples,
+    #                                        NaN for fresh ones; None: all fresh
+    kl_coef: float = 0.0  # β of the KL term in the loss (0 when the KL is in the reward)
+    is_cap: float = 2.0  # truncation of the staleness importance weights
+    weight_version: int = 0  # the trainer's weights this batch is trained from
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for _, r in self.sequences]
+
+    def shard(self, world: int) -> list[Experience]:
+        """Contiguous shards by sequence (`shard_bounds`), each per-token field cut at the
+        same sequence boundaries: shard r is what trainer rank r trains on."""
+        seq_b = shard_bounds(len(self.sequences), world)
+        lengths = self.lengths
+        tok_b = [sum(lengths[:b]) for b in seq_b]
+        out = []
+        for r in range(world):
+            lo, hi = tok_b[r], tok_b[r + 1]
+            cut = {k: None if v is None else v[lo:hi] for k, v in (
+                ("advantages", self.advantages), ("old_logprobs", self.old_logprobs),
+                ("returns", self.returns), ("old_values", self.old_values),
+                ("ref_logprobs", self.ref_logprobs),
+                ("behaviour_logprobs", self.behaviour_logprobs))}
+            out.append(Experience(self.sequences[seq_b[r]:seq_b[r + 1]], **cut,
+                                  kl_coef=self.kl_coef, is_cap=self.is_cap,
+                                  weight_version=self.weight_version))
+        return out
+
+
+@dataclass(frozen=True)
+class PPOStats:
+    """One trainer rank's PPO update: means over its micro-batches (`PPOTrainerWorker`)."""
+
+    policy_loss: float
+    entropy: float
+    clip_fraction: float  # share of tokens where clipping removed the gradient
+    approx_kl: float  # ½(log ρ)² against the proximal policy
+    ratio_mean: float
+    lr: float
+    seconds: float
+    tokens: float
+    grad_norm: float | None = None
+    is_weight_mean: float | None = None  # staleness importance weights (truncated_is)
+    value_loss: float | None = None  # critic (advantage=gae)
+    value_clip_fraction: float | None = None
+    kl_token: float | None = None  # KL in the loss (k3) per token, before the update
+    kl_seq: float | None = None  # the same per sequence
+
+    _VALUE = {"value_loss": "value/loss", "value_clip_fraction": "value/clip_fraction"}
+    _NOT_METRICS = ("kl_token", "kl_seq")  # the driver reports them as kl/...
+
+    def metrics(self) -> dict[str, float]:
+        """The logged names: policy/<field>, value/loss, value/clip_fraction."""
+        out = {}
+        for k, v in self.__dict__.items():
+            if v is not None and k not in self._NOT_METRICS:
+                out[self._VALUE.get(k, f"policy/{k}")] = float(v)
+        return out
+
+    @staticmethod
+    def mean(stats: list[PPOStats]) -> PPOStats:
+        """Field-wise mean over ranks (a field left out by every rank stays None)."""
+        vals: dict[str, float | None] = {}
+        for k in stats[0].__dict__:
+            xs = [getattr(s, k) for s in stats if getattr(s, k) is not None]
+            vals[k] = sum(xs) / len(xs) if xs else None
+        return PPOStats(**vals)  # type: ignore[arg-type]

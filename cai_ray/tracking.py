@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +81,21 @@ class Tracker:
         if self._run is not None:
             self._run.finish()
             self._run = None
+
+
+class PhaseTimer:
+    """The phases of one step, each timed on its own clock: `with timer("score"): ...` adds
+    the seconds spent inside to `time/score` (a phase entered twice adds up), so no phase's
+    time includes another's."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            key = f"time/{name}"
+            self.times[key] = self.times.get(key, 0.0) + time.monotonic() - t0

@@ -6,7 +6,12 @@
 
 Methods are named by the function object (`RolloutWorker.generate`), never by a string, so a
 rename is caught by the type checker. Every wait has a timeout; an actor error or a timeout is
-re-raised naming the role, the rank and the method; a dead or hung actor can be restarted.
+re-raised naming the role, the rank and the method.
+
+Recovery has one path, here: `with_restarts` (and `gather_again` for a sharded call made
+earlier) restarts a dead or hung actor, runs the role's restore hook (`on_restart`, set by the
+role's group builder or the driver: rollout gets the current weights, reward loads the PM), logs
+the restart in `faults`, and makes the call again, up to `run.max_restarts`.
 `local=True` runs the same workers in this process (actors/local.py), which is how driver logic
 is tested without a cluster: a worker that raises `WorkerDied` is reported and restarted like a
 dead Ray actor. Placement groups shared by colocated roles: actors/placement.py.
@@ -195,6 +200,10 @@ class ActorGroup(Generic[W]):
         self._actors: list[Any] = []
         self.restarts = 0
         self._restart_times: list[float] = []
+        # The role's restore hook: run with the ranks just restarted, before the failed call
+        # is made again (rollout: the current weights; reward: the PM loaded; None: nothing).
+        self.on_restart: Callable[[list[int]], object] | None = None
+        self.faults: list[dict[str, Any]] = []  # every restart: role, rank, method, cause, ...
         self._last_restart = [0.0] * resources.num_actors
         n = resources.num_actors
         threads = resources.threads or max(1, int(resources.num_cpus))
@@ -304,7 +313,16 @@ class ActorGroup(Generic[W]):
             raise RuntimeError(f"{self.role}: {self.restarts} restarts already "
                                f"(run.max_restarts={max_restarts}); last: {err}") from err
         log.warning("%s; restarting %s", err, "it" if len(ranks) == 1 else f"ranks {ranks}")
-        return [self.restart(r) for r in ranks]
+        seconds = []
+        for r in ranks:
+            seconds.append(self.restart(r))
+            self.faults.append({"role": self.role, "rank": r, "method": err.method,
+                                "cause": "hung" if isinstance(err, ActorTimeoutError)
+                                else "died", "restart_s": seconds[-1],
+                                "time": self._last_restart[r]})
+        if self.on_restart is not None:
+            self.on_restart(ranks)
+        return seconds
 
     def replaced_since(self, rank: int, t: float) -> bool:
         """Whether the actor of `rank` was replaced after `t`: a failure of a call submitted
@@ -336,9 +354,10 @@ class ActorGroup(Generic[W]):
         return len(self._actors)
 
     def _method_name(self, fn: Callable[..., Any]) -> str:
+        # a method of the worker class or of a class it derives from (called by name, so a
+        # subclass's override answers: a test's fast fake of a role)
         name = getattr(fn, "__name__", None)
-        if name is None or getattr(self.worker_cls, name, None) is not fn and \
-                getattr(Worker, name, None) is not fn:
+        if name is None or not any(vars(c).get(name) is fn for c in self.worker_cls.__mro__):
             raise TypeError(f"{fn!r} is not a method of {self.worker_cls.__name__}")
         return name
 
@@ -348,7 +367,8 @@ class ActorGroup(Generic[W]):
         name = self._method_name(fn)
         actor = self._actors[rank]
         if self.local:
-            handle: Any = actor.submit(lambda: fn(actor.instance, *args, **kwargs))
+            # by name, as Ray calls it: a subclass's override answers
+            handle: Any = actor.submit(lambda: getattr(actor.instance, name)(*args, **kwargs))
         else:
             handle = getattr(actor, name).remote(*args, **kwargs)
         self._inflight[rank] += 1
@@ -388,6 +408,25 @@ class ActorGroup(Generic[W]):
                ) -> list[R]:
         """Wait for `submit_shards` calls and concatenate their results in order."""
         return [x for part in self.get(pendings, timeout) for x in part]
+
+    def gather_again(self, pendings: list[Pending[Any]], fn: Callable[..., Any],
+                     items: list[Any], *args: Any, max_restarts: int, flatten: bool = True,
+                     **kwargs: Any) -> list[Any]:
+        """The results of `submit_shards(fn, items, *args)` submitted earlier as `pendings`,
+        recovering as `with_restarts` does: once an actor was restarted (and restored) after
+        they went out, the whole sharded call is submitted again. `flatten` False: one result
+        per shard, as `get` returns them."""
+        pend, since = pendings, min((p.started for p in pendings), default=time.monotonic())
+
+        def action() -> list[Any]:
+            nonlocal pend, since
+            if self.restarts_since(since):  # partly answered by a replaced actor
+                since = time.monotonic()
+                pend = self.submit_shards(fn, items, *args, **kwargs)
+            got: list[Any] = self.get(pend)
+            return [x for part in got for x in part] if flatten else got
+
+        return self.with_restarts(action, max_restarts)
 
     # --- waiting --------------------------------------------------------------------------------
 

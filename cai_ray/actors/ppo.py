@@ -51,6 +51,7 @@ from cai_ray.algorithms.masked import masked_mean
 from cai_ray.algorithms.ppo import behaviour_weights, kl_penalty, policy_loss, value_loss
 from cai_ray.config import Config, ModelSpec, PPOConfig, TrainerConfig
 from cai_ray.hardware import torch_dtype
+from cai_ray.messages import Experience, PolicyForward, PPOStats
 from cai_ray.runtime import role_group
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class PPOTrainerWorker(TrainerWorker):
         v = self.critic(ids, attn)[:, :-1]
         return v[mask[:, 1:]]
 
-    def experience(self, seqs: list[Sequence]) -> tuple[Any, Any]:
+    def experience(self, seqs: list[Sequence]) -> PolicyForward:
         """Log-probs of the response tokens under the current policy and the critic's values
         (None without a critic), flat [N]; no gradients."""
         self.engine.eval()
@@ -121,23 +122,23 @@ class PPOTrainerWorker(TrainerWorker):
                                           temperature=self.temperature)[0])
                 if self.critic is not None:
                     vals.append(self._values(ids, attn, mask))
-        return torch.cat(lps).cpu(), torch.cat(vals).cpu() if vals else None
+        return PolicyForward(torch.cat(lps).cpu(), torch.cat(vals).cpu() if vals else None)
 
-    def train_ppo(self, seqs: list[Sequence], old_logprobs: Any | None, advantages: Any,
-                  returns: Any | None, old_values: Any | None, ref_logprobs: Any | None = None,
-                  kl_coef: float = 0.0, behaviour_logprobs: Any | None = None,
-                  is_cap: float = 2.0) -> dict[str, float]:
-        """PPO epochs over this rank's share of a batch, in shuffled minibatches of
-        mini_batch_size / world sequences (one optimizer step each, accumulated over
-        micro-batches). Per-token inputs are flat [N] over the sequences' response tokens.
+    def train_ppo(self, exp: Experience) -> PPOStats:
+        """PPO epochs over this rank's shard of a batch (`Experience.shard`), in shuffled
+        minibatches of mini_batch_size / world sequences (one optimizer step each, accumulated
+        over micro-batches).
 
-        `old_logprobs` None (`ppo.single_update`): the batch is one optimizer step, so the
+        `exp.old_logprobs` None (`ppo.single_update`): the batch is one optimizer step, so the
         weights do not move before every micro-batch has run and the log-probs of this very
-        forward are the old ones. `ref_logprobs` given (`ppo.kl_penalty=loss`): β·k3 KL to
-        the reference, averaged over tokens, is added to the loss; stats kl_token, kl_seq.
-        `behaviour_logprobs` given (a batch partly sampled by older weights): each token's
+        forward are the old ones. `exp.ref_logprobs` given (`ppo.kl_penalty=loss`): β·k3 KL to
+        the reference, averaged over tokens, is added to the loss (stats kl_token, kl_seq).
+        `exp.behaviour_logprobs` given (a batch partly sampled by older weights): each token's
         surrogate is scaled by min(p_old / p_sampler, is_cap), NaN marking fresh tokens
-        (`behaviour_weights`); stat is_weight_mean."""
+        (`behaviour_weights`; stat is_weight_mean)."""
+        seqs, old_logprobs, advantages = exp.sequences, exp.old_logprobs, exp.advantages
+        returns, old_values, ref_logprobs = exp.returns, exp.old_values, exp.ref_logprobs
+        behaviour_logprobs, kl_coef, is_cap = exp.behaviour_logprobs, exp.kl_coef, exp.is_cap
         t0 = time.monotonic()
         p = self.ppo
         lengths = [len(r) for _, r in seqs]
@@ -200,7 +201,7 @@ class PPOTrainerWorker(TrainerWorker):
                         sums[k] = sums.get(k, 0.0) + float(val)
                     count += 1
         self.updates += 1
-        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out: dict[str, Any] = {k: v / max(count, 1) for k, v in sums.items()}
         if ref_logprobs is not None:
             out["kl_token"] = kl_tokens / max(kl_count, 1)
             out["kl_seq"] = kl_tokens / max(len(seqs), 1)
@@ -210,7 +211,7 @@ class PPOTrainerWorker(TrainerWorker):
         out["lr"] = self.engine.get_lr()[0] if self.engine.lr_scheduler else self.cfg.lr
         out["seconds"] = time.monotonic() - t0
         out["tokens"] = float(sum(lengths))
-        return out
+        return PPOStats(**out)
 
     # --- weights out ------------------------------------------------------------------------------
 
@@ -275,7 +276,7 @@ class PPOTrainerWorker(TrainerWorker):
                 pass
             return 0, {}
         try:
-            return self._comm.send(gathered)  # type: ignore[no-any-return]
+            return self._comm.send(gathered)
         except Exception:
             for _ in gathered:  # keep the other ranks' gathers in step, then fail
                 pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,16 @@ class RewardWorker(DistributedWorker):
         self.engine = self.model = None
 
 
+def scoring_restore(group: ActorGroup[RewardWorker]) -> Callable[[list[int]], None]:
+    """The scoring group's restore hook: a restarted actor loads the PM again."""
+
+    def restore(ranks: list[int]) -> None:
+        for r in ranks:
+            group.call(r, RewardWorker.load_for_scoring)
+
+    return restore
+
+
 def reward_group(cfg: Config, spec: ModelSpec, total_steps: int | None
                  ) -> ActorGroup[RewardWorker]:
     """The reward group; `total_steps` set = join a process group and build the trainer."""
@@ -178,6 +189,7 @@ def reward_group(cfg: Config, spec: ModelSpec, total_steps: int | None
     def start(group: ActorGroup[RewardWorker]) -> None:
         if total_steps is None:
             group.call_all(RewardWorker.load_for_scoring)
+            group.on_restart = scoring_restore(group)
         else:
             start_ranks(group, RewardWorker.setup, total_steps, cfg.run.startup_timeout_s)
 

@@ -170,6 +170,19 @@ def build_optimizer(params: Any, t: TrainerConfig, lr: float) -> Any:
     return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
 
 
+def quiet_trainer() -> None:
+    """Keep a training rank's console to what it is doing: DeepSpeed's calls into torch's
+    renamed collectives warn on every step (a FutureWarning each), and transformers draws a
+    progress bar for every save of a one-file model."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.\w+` is deprecated")
+    hf_logging.disable_progress_bar()
+
+
 class DistributedWorker(Worker):
     """A rank of a torch.distributed group (DeepSpeed on top). The driver asks rank 0 for an
     address, then calls the subclass's `setup` on every rank at once, which joins here."""
@@ -186,6 +199,8 @@ class DistributedWorker(Worker):
 
     def join_group(self, master_addr: str, master_port: int) -> None:
         import deepspeed
+
+        quiet_trainer()
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
                           RANK=str(self.ctx.rank), WORLD_SIZE=str(self.ctx.world_size),

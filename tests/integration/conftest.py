@@ -19,3 +19,13 @@ def ray_local() -> Iterator[None]:
              logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything here runs a local Ray with real engines (vLLM, DeepSpeed, the tiny model):
+    `integration` and `slow`, outside the fast tier (`pytest -m "not slow"`)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.slow)

@@ -18,7 +18,8 @@ import psutil
 
 from cai_ray.config import Config, load_config
 from cai_ray.data import PromptStream
-from cai_ray.stages.ppo import PPORun, ppo_prompts
+from cai_ray.rollouts import ppo_prompts
+from cai_ray.stages.ppo import PPORun
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"

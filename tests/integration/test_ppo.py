@@ -18,7 +18,8 @@ from cai_ray.actors.group import SHARED_PLACEMENTS
 from cai_ray.config import load_config
 from cai_ray.data import PromptStream
 from cai_ray.models import load_tokenizer
-from cai_ray.stages.ppo import ppo_prompts, run_ppo
+from cai_ray.rollouts import ppo_prompts
+from cai_ray.stages.ppo import run_ppo
 from cai_ray.stages.rm import run_rm
 from cai_ray.synthetic import marker_pairs
 
@@ -196,7 +197,9 @@ def test_killed_driver_resumes_consuming_every_prompt_once(marker_pm: Path, stal
 
 def test_sync_check_catches_an_engine_on_stale_weights(marker_pm: Path, tmp_path: Path) -> None:
     from cai_ray.actors.rollout import RolloutWorker
+    from cai_ray.rollouts import RolloutStream
     from cai_ray.stages.ppo import PPORun, WeightSyncError
+    from cai_ray.tracking import PhaseTimer
 
     # The critic-free path (GRPO: no value model on the trainer) on the way.
     cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "trainer.lr=1e-2",
@@ -204,18 +207,21 @@ def test_sync_check_catches_an_engine_on_stale_weights(marker_pm: Path, tmp_path
     run = PPORun(cfg, tmp_path, resume=False)
     try:
         run._start()
-        samples = run.collect(run.submit(0))
+        stream = RolloutStream(cfg, run.rollout, run.stream, 0, [])
+        stream.fill(1)
+        _, samples = stream.next(0)
         assert len(samples) == 8 and samples[0].prompt.id == samples[1].prompt.id
-        run.set_probe([samples[0].prompt_ids + samples[0].response_ids])
-        m = run.train_step(samples)
+        run.weights.set_probe([samples[0].prompt_ids + samples[0].response_ids])
+        exp, scored = run.make_experience(samples, PhaseTimer())
+        m = run.step_metrics(samples, scored, run.update(exp))
         assert "value/loss" not in m and m["policy/approx_kl"] >= 0.0
         run.step = 1
-        assert run.sync()["sync/logprob_max_diff"] < 1e-3
+        assert run.weights.push(1)["sync/logprob_max_diff"] < 1e-3
         # Put the initial weights back into the engine behind the driver's back.
         initial = str(tiny_model_dir_path())
         run.rollout.call(0, RolloutWorker.update_weights, 1, path=initial)
         with pytest.raises(WeightSyncError, match="sync_tolerance"):
-            run.check_sync()
+            run.weights.check_probe()
     finally:
         for g in reversed(run.groups):
             g.shutdown()

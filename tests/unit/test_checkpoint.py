@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cai_ray.actors.weight_sync import cut_buckets, iterate, payload_bytes, publish
+from cai_ray.algorithms.experience import advantages, to_rows
 from cai_ray.checkpoint import Checkpoints, rewind_jsonl
 from cai_ray.config import load_config
-from cai_ray.stages.ppo import advantages, to_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,7 @@ def test_advantages_gae_and_grpo_use_the_pm_score_and_the_kl() -> None:
     ref = torch.tensor([[-1.5, -2.0], [-1.0, 0.0]])
     scores = torch.tensor([1.0, -1.0])
     values = torch.zeros(2, 2)
-    out = advantages(cfg, scores, old, ref, values, mask, kl_coef=0.1)
+    out = advantages(cfg.ppo, scores, old, ref, values, mask, kl_coef=0.1)
     # k1 KL: 0.5 on the first token of row 0; γ = λ = 1 with zero values: the advantage is
     # the reward-to-go, score − β·KL of the remaining tokens.
     assert out["seq_kl"].tolist() == pytest.approx([0.5, 0.0])
@@ -83,7 +83,7 @@ def test_advantages_gae_and_grpo_use_the_pm_score_and_the_kl() -> None:
     cfg = load_config(ROOT / "configs" / "cpu-tiny.yaml",
                       ["ppo.advantage=grpo", "ppo.samples_per_prompt=2",
                        "ppo.whiten_advantages=false"])
-    out = advantages(cfg, scores, old, ref, None, mask, kl_coef=0.0)
+    out = advantages(cfg.ppo, scores, old, ref, None, mask, kl_coef=0.0)
     torch.testing.assert_close(out["advantages"], torch.tensor([[1.0, 1.0], [-1.0, 0.0]]),
                                atol=1e-4, rtol=0)
     assert "returns" not in out
@@ -97,14 +97,14 @@ def test_kl_in_the_loss_leaves_the_reward_alone_and_needs_no_old_logprobs() -> N
     scores = torch.tensor([1.0, -1.0])
     loss = load_config(ROOT / "configs" / "cpu-tiny.yaml", over + ["ppo.kl_penalty=loss"])
     assert loss.ppo.single_update
-    out = advantages(loss, scores, None, ref, None, mask, kl_coef=0.5)
+    out = advantages(loss.ppo, scores, None, ref, None, mask, kl_coef=0.5)
     torch.testing.assert_close(out["advantages"], torch.tensor([[1.0, 1.0], [-1.0, 0.0]]),
                                atol=1e-4, rtol=0)  # β is not taken off the score
     assert "seq_kl" not in out
     reward = load_config(ROOT / "configs" / "cpu-tiny.yaml", over)
     assert not reward.ppo.single_update  # the reward's KL needs the old log-probs
     with pytest.raises(ValueError, match="old log-probs are needed"):
-        advantages(reward, scores, None, ref, None, mask, kl_coef=0.5)
+        advantages(reward.ppo, scores, None, ref, None, mask, kl_coef=0.5)
     two_epochs = load_config(ROOT / "configs" / "cpu-tiny.yaml",
                              over + ["ppo.kl_penalty=loss", "ppo.ppo_epochs=2"])
     assert not two_epochs.ppo.single_update

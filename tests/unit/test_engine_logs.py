@@ -37,3 +37,13 @@ def test_asking_for_engine_logs_keeps_them(monkeypatch, level: str, kept: bool) 
     assert handler.filters == [f]
     assert f.filter(_record("Enforce eager set, disabling torch.compile")) is kept
     assert f.filter(_record("Attempted to load weight %s with dtype %s into", "w", "a")) is False
+
+
+def test_rotary_reload_warning_dropped_other_layers_kept() -> None:
+    f = _EngineNoiseFilter(deliberate=True)
+    assert not f.filter(_record("%s: Failed to load weights", "RotaryEmbedding"))
+    assert not f.filter(_record("%s: Failed to load weights", "Llama3RotaryEmbedding"))
+    # a layer with weights that received none is a real problem: it stays on the console
+    assert f.filter(_record("%s: Failed to load weights", "QKVParallelLinear"))
+    assert _EngineNoiseFilter(deliberate=False).filter(
+        _record("%s: Failed to load weights", "RotaryEmbedding"))  # asked for engine logs

@@ -13,11 +13,12 @@ import torch
 
 from cai_ray.actors.trainer import encode_chat, pack_sequences, token_logprobs
 from cai_ray.actors.weight_sync import SyncReport, checksum, export_names, named_tensors
+from cai_ray.algorithms.experience import behaviour_logprobs
 from cai_ray.algorithms.ppo import behaviour_weights, policy_loss
 from cai_ray.config import load_config, rl_sampling_problems
 from cai_ray.configschema import ValidationError
 from cai_ray.messages import Prompt
-from cai_ray.stages.ppo import Sample, behaviour_logprobs, check_prompt_lengths
+from cai_ray.rollouts import Sample, check_prompt_lengths
 from cai_ray.store import FEATURES, train_view
 
 ROOT = Path(__file__).resolve().parents[2]
