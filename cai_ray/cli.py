@@ -346,7 +346,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
                 g = reward_group(cfg, ModelSpec(path=str(pm), dtype=cfg.trainer.dtype), None)
                 groups.append(g)
-                handlers["/v1/score"] = pm_handler(g)
+                handlers["/v1/score"] = pm_handler(g, cfg.run.max_restarts)
             if "judge" in what:
                 from cai_ray.actors.feedback import feedback_group
                 from cai_ray.constitution import load_constitution

@@ -163,13 +163,16 @@ class Service:
         self.server.server_close()
 
 
-def pm_handler(group: Any) -> Handler:
+def pm_handler(group: Any, max_restarts: int = 3) -> Handler:
+    """/v1/score: PM scores; a reward actor that dies or hangs is restarted, reloads the PM
+    (the group's restore hook, `reward_group`) and the batch is scored again."""
     from cai_ray.actors.reward import RewardWorker
 
     def score(items: list[dict[str, Any]]) -> dict[str, Any]:
         pairs = [(conversation(x, f"items[{i}]"), text_field(x, "response", f"items[{i}]"))
                  for i, x in enumerate(items)]
-        return {"scores": group.shard_and_gather(RewardWorker.score, pairs)}
+        return {"scores": group.with_restarts(
+            lambda: group.shard_and_gather(RewardWorker.score, pairs), max_restarts)}
 
     return score
 
