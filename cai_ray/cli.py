@@ -24,24 +24,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shlex
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cai_ray.configschema import ValidationError
+from cai_ray.interrupts import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # re-exported
+from cai_ray.interrupts import INTERRUPT_EXIT_S as INTERRUPT_EXIT_S
+from cai_ray.interrupts import InterruptHandler as InterruptHandler
+from cai_ray.interrupts import interrupted_message as interrupted_message
+from cai_ray.interrupts import resume_command as resume_command
 from cai_ray.redaction import redact
 
 log = logging.getLogger("cai_ray")
 
 EXIT_INVALID = 2
-EXIT_INTERRUPTED = 130
-INTERRUPT_EXIT_S = 12.0  # after the first Ctrl-C, exit by then even if clean-up hangs
 
 
 def _add_run_args(p: argparse.ArgumentParser, output: bool = True) -> None:
@@ -436,88 +436,6 @@ COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_c
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
             "label": _cmd_label, "judge-check": _cmd_judge_check, "rm": _cmd_rm, "ppo": _cmd_ppo, "eval": _cmd_eval,
             "report": _cmd_report, "serve": _cmd_serve, "plan": _cmd_plan, "pipeline": _cmd_pipeline}
-
-
-# How each command picks up after an interrupt: PPO continues only with --resume (without it a
-# rerun refuses to overwrite the checkpoints); the other stages skip their finished outputs and
-# shards on any rerun.
-_RESUME_WITH_FLAG = ("ppo", "pipeline")
-_RESUME_NOTE = {
-    "pipeline": "finished stages and shards are skipped, PPO continues from its newest "
-                "checkpoint",
-    "ppo": "PPO continues from its newest checkpoint",
-    "sl": "finished shards and steps are skipped",
-    "label": "finished shards are skipped",
-    "rm": "preference-model training starts over",
-    "eval": "the evaluation starts over",
-    "judge-check": "the check starts over",
-    "sample": "sampling starts over",
-}
-
-
-def resume_command(command: str, argv: list[str]) -> str | None:
-    """The command line that picks up an interrupted `command` (None: nothing to resume)."""
-    if command not in _RESUME_NOTE:
-        return None
-    words = list(argv)
-    if command in _RESUME_WITH_FLAG and "--resume" not in words:
-        words.append("--resume")
-    return shlex.join(["cai-ray", *words])
-
-
-def interrupted_message(command: str, argv: list[str]) -> str:
-    """The one line printed after Ctrl-C."""
-    again = resume_command(command, argv)
-    if again is None:
-        return "interrupted"
-    return (f"interrupted: actors stopped, finished work kept; to resume run: {again} "
-            f"({_RESUME_NOTE[command]})")
-
-
-class InterruptHandler:
-    """SIGINT in the driver. The first raises KeyboardInterrupt, as Python's default handler
-    does (the stages' `finally` blocks shut their actor groups down, `ray_session` stops Ray),
-    notes the interrupt so those shutdowns do not wait for busy actors, and starts a watchdog
-    that exits with 130 `exit_after_s` later should clean-up hang. The second exits at once."""
-
-    def __init__(self, message: str, exit_after_s: float = INTERRUPT_EXIT_S):
-        self.message, self.exit_after_s = redact(message), exit_after_s
-        self.count = 0
-        self._said = False
-        self._lock = threading.Lock()
-
-    def install(self) -> bool:
-        if threading.current_thread() is not threading.main_thread():
-            return False  # signal handlers can only be set there; Python's default stays
-        signal.signal(signal.SIGINT, self._on_sigint)
-        return True
-
-    def say(self, suffix: str = "") -> None:
-        """Print the message once (os.write: safe inside a signal handler)."""
-        with self._lock:
-            if self._said:
-                return
-            self._said = True
-        try:
-            os.write(2, (self.message + suffix + "\n").encode())
-        except OSError:
-            pass
-
-    def _on_sigint(self, signum: int, frame: object) -> None:
-        self.count += 1
-        if self.count > 1:
-            self.say(" [second Ctrl-C: exited at once]")
-            os._exit(EXIT_INTERRUPTED)
-        from cai_ray.actors.group import note_interrupt
-
-        note_interrupt()
-        threading.Thread(target=self._watchdog, name="cai-ray-interrupt", daemon=True).start()
-        raise KeyboardInterrupt
-
-    def _watchdog(self) -> None:
-        time.sleep(self.exit_after_s)
-        self.say(f" [clean-up took over {self.exit_after_s:g} s: exited without it]")
-        os._exit(EXIT_INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ class WorkerDied(RuntimeError):
 def futures_wait(futures: list[cf.Future], timeout: float | None = None,
                  return_when: str = cf.ALL_COMPLETED) -> tuple[set[cf.Future], set[cf.Future]]:
     """`concurrent.futures.wait` with the same result, waiting in slices of WAIT_SLICE_S."""
-    from cai_ray.actors.group import _slice  # at call time: group.py imports this module
+    from cai_ray.actors.waiting import _slice
 
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
