@@ -1,7 +1,9 @@
-"""Fault tolerance during PPO: the rollout actor's process is SIGKILLed three times; the run
-restarts it, gives it the current weights, generates the lost batch again and finishes with the
-right step count, every prompt trained on exactly once. A frozen reward actor is restarted when
-its call times out; a trainer death stops the run, and --resume finishes it."""
+"""Fault tolerance during PPO with real processes: the rollout actor's process is SIGKILLed; the
+run restarts it, gives it the current weights, generates the lost batch again and finishes with
+the right step count, every prompt trained on exactly once. A frozen reward actor is restarted
+when its call times out; a trainer death stops the run, and --resume finishes it. The driver's
+side of these (repeated deaths of every role, hangs, a hung trainer ending the run, the restore
+hooks, resume) is tested in milliseconds in tests/unit/test_ppo_driver.py."""
 
 from __future__ import annotations
 
@@ -88,15 +90,15 @@ def _save_tiny_pm(root: Path) -> None:
                       root / "rm" / "model")
 
 
-def test_rollout_killed_three_times_and_a_frozen_reward_actor(ray_local, tiny_model_dir,
-                                                             tmp_path: Path) -> None:
-    """Four faults in one run. The rollout actor's process is SIGKILLed after steps 2, 4 and 6:
-    each time it is restarted with the current weights and its batch is generated again. After
-    step 7 the reward actor is frozen (SIGSTOP: alive, never answering, a wedged engine): its
-    call times out after run.call_timeout_s, it is replaced and the step is scored again. The
-    run finishes all its steps with every prompt trained on exactly once."""
+def test_a_killed_rollout_actor_and_a_frozen_reward_actor(ray_local, tiny_model_dir,
+                                                          tmp_path: Path) -> None:
+    """Two faults in one run. The rollout actor's process is SIGKILLed after step 2: it is
+    restarted with the current weights and its batch is generated again. After step 4 the
+    reward actor is frozen (SIGSTOP: alive, never answering, a wedged engine): its call times
+    out after run.call_timeout_s, it is replaced and the step is scored again. The run finishes
+    all its steps with every prompt trained on exactly once."""
     _save_tiny_pm(tmp_path)
-    steps = 10
+    steps = 6
     cfg = load_config(TINY, [f"ppo.steps={steps}", "ppo.max_staleness=1",
                              "ppo.checkpoint_every=3", "run.call_timeout_s=40"])
     run = PPORun(cfg, tmp_path, resume=False)
@@ -105,7 +107,7 @@ def test_rollout_killed_three_times_and_a_frozen_reward_actor(ray_local, tiny_mo
     stop = threading.Event()
 
     def killer() -> None:
-        for at in (2, 4, 6):  # kill once the run has logged these steps
+        for at in (2,):  # kill once the run has logged this step
             while not stop.is_set():
                 done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
                     if metrics.exists() else []
@@ -120,46 +122,26 @@ def test_rollout_killed_three_times_and_a_frozen_reward_actor(ray_local, tiny_mo
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
-        with _frozen_after(metrics, "RewardWorker", 7) as frozen:
+        with _frozen_after(metrics, "RewardWorker", 4) as frozen:
             run.run()
             gone = [not psutil.pid_exists(p) or
                     psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in frozen]
     finally:
         stop.set()
         t.join(timeout=10)
-    assert len(killed) == 3, killed
+    assert len(killed) == 1, killed
     assert len(frozen) == 1 and gone == [True]  # the restart removed the frozen process
     summary = json.loads((tmp_path / "ppo" / "metrics.json").read_text())
     assert summary["steps"] == steps
     assert [(f["role"], f["cause"]) for f in summary["faults"]] == \
-        [("rollout", "died")] * 3 + [("reward", "hung")]
-    assert summary["faults"][3]["step"] >= 7
+        [("rollout", "died"), ("reward", "hung")]
+    assert summary["faults"][1]["step"] >= 4
     _assert_each_prompt_once(tmp_path, cfg, steps)
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     rows = [r for r in rows if "reward/score_mean" in r]
-    assert rows[-1]["faults/restarts"] == 4.0
+    assert rows[-1]["faults/restarts"] == 2.0
     assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)  # restarted engines in sync
     assert all(r["staleness/max"] <= 1 for r in rows)
-
-
-def test_frozen_trainer_fails_the_run_naming_role_and_call(ray_local, tiny_model_dir,
-                                                           tmp_path: Path) -> None:
-    """The trainer holds optimizer state that a restart would lose: a trainer call past
-    run.call_timeout_s ends the run with the role and the method, instead of hanging."""
-    import pytest
-
-    from cai_ray.actors.group import ActorTimeoutError
-
-    _save_tiny_pm(tmp_path)
-    cfg = load_config(TINY, ["ppo.steps=50", "ppo.max_staleness=1", "run.call_timeout_s=30"])
-    run = PPORun(cfg, tmp_path, resume=False)
-    metrics = tmp_path / "ppo" / "metrics.jsonl"
-    with _frozen_after(metrics, "PPOTrainerWorker", 1) as frozen, \
-            pytest.raises(ActorTimeoutError,
-                          match=r"trainer\[rank 0\]\.\w+ did not finish within 30 s"):
-        run.run()
-    assert len(frozen) == 1
-    assert not (tmp_path / "ppo" / "model").exists()  # no final policy from a failed run
 
 
 def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_path: Path

@@ -148,6 +148,18 @@ def test_a_trainer_death_ends_the_run(pm: Path, tmp_path: Path, faults: Faults) 
         FastRun(cfg_for(pm), tmp_path, resume=False).run()
 
 
+def test_a_hung_trainer_ends_the_run_naming_role_and_call(pm: Path, tmp_path: Path,
+                                                          faults: Faults) -> None:
+    """The trainer holds optimizer state a restart would lose: a trainer call past
+    run.call_timeout_s ends the run naming the role and the method, instead of hanging."""
+    from cai_ray.actors.group import ActorTimeoutError
+
+    faults.at("trainer", "train_ppo", 2, "hang")
+    with pytest.raises(ActorTimeoutError, match=r"trainer\[rank 0\]\.train_ppo did not finish"):
+        FastRun(cfg_for(pm), tmp_path, resume=False).run()
+    assert not (tmp_path / "ppo" / "model").exists()  # no final policy from a failed run
+
+
 def test_too_many_restarts_end_the_run(pm: Path, tmp_path: Path, faults: Faults) -> None:
     for n in range(1, 10):
         faults.at("reward", "score", n, "die")
@@ -155,9 +167,11 @@ def test_too_many_restarts_end_the_run(pm: Path, tmp_path: Path, faults: Faults)
         FastRun(cfg_for(pm, "run.max_restarts=2"), tmp_path, resume=False).run()
 
 
+@pytest.mark.parametrize("staleness", [0, 1])
 def test_resume_trains_every_prompt_once_and_rewinds_the_logs(pm: Path, tmp_path: Path,
-                                                              faults: Faults) -> None:
-    cfg = cfg_for(pm)
+                                                              faults: Faults,
+                                                              staleness: int) -> None:
+    cfg = cfg_for(pm, f"ppo.max_staleness={staleness}")
     whole = tmp_path / "whole"
     FastRun(cfg, whole, resume=False).run()
     want = rows(whole, "consumed.jsonl")
