@@ -122,15 +122,8 @@ class RolloutStream:
         (its restore hook gave it the current weights), the whole batch is generated again."""
         if batch.collected is not None:
             return batch.collected
-
-        def gather() -> list[GenerationResult]:
-            if self.group.restarts_since(batch.submitted):  # made partly by a dead actor
-                batch.submitted = time.monotonic()
-                batch.pending = self.group.submit_shards(RolloutWorker.generate,
-                                                         batch.requests)
-            return self.group.gather(batch.pending)
-
-        results = self.group.with_restarts(gather, self.cfg.run.max_restarts)
+        results = self.group.gather_again(batch.pending, RolloutWorker.generate,
+                                          batch.requests, max_restarts=self.cfg.run.max_restarts)
         by_id = {p.id: p for p in batch.prompts}
         batch.collected = [Sample(by_id[res.request_id], res.prompt_token_ids, c.token_ids,
                                   c.text, c.logprobs, res.weight_version,
