@@ -278,6 +278,7 @@ class PPOTrainerWorker(TrainerWorker):
         try:
             return self._comm.send(gathered)
         except Exception:
+            self._comm.abort()  # free the engines still waiting for the rest
             for _ in gathered:  # keep the other ranks' gathers in step, then fail
                 pass
             raise

@@ -350,18 +350,38 @@ def nccl_group(host: str, port: int, rank: int, world_size: int, device: Any) ->
     return PyNcclCommunicator(pg, device=device)
 
 
+ABORT_KEY = "cai_ray/push_aborted"
+POLL_S = 1.0  # a gloo receiver checks this often whether the sender gave the push up
+# Channels left with an operation in flight by an aborted push: gloo's destructor waits for
+# that operation (up to the group's timeout), so they are kept until it has ended by itself.
+_abandoned: list[Any] = []
+
+
+class WeightPushAborted(RuntimeError):
+    """The sender gave this push up (another member of the group failed): the receiver stops
+    waiting for the rest, and the group is formed again."""
+
+
 class WeightChannel:
     """One weight-sync group, rank 0 = trainer rank 0, 1.. = the rollout engines, whose backend
     follows the device: PyNccl on CUDA, gloo on the CPU. Either is a stateless group (vLLM's
     helpers): it never touches the trainer's own torch.distributed group, and a new one can be
-    formed at any time (a restarted engine is re-admitted by forming the group again)."""
+    formed at any time (a restarted engine is re-admitted by forming the group again).
+
+    An engine that dies mid-push fails the sender's broadcast at once, but not the other
+    engines, which wait for tensors that will never come. On gloo the sender then `abort`s:
+    it sets a key in the group's store, which a receiver checks every `POLL_S` while it
+    waits, so the survivors are free for the new group in about a second instead of after the
+    group's timeout. (On NCCL a survivor waits out the timeout.)"""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, device: Any,
                  timeout_s: float = 1800.0):
         import torch
 
         self.device = torch.device(device)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self._store: Any = None
+        _abandoned[:] = [c for c in _abandoned if not c.idle()]
         if self.device.type == "cuda":
             self.backend = "nccl"
             self._comm = nccl_group(host, port, rank, world_size, self.device)
@@ -371,8 +391,49 @@ class WeightChannel:
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
             self.backend = "gloo"
-            self._comm = stateless_init_torch_distributed_process_group(
-                host, port, rank, world_size, "gloo", timeout=timedelta(seconds=timeout_s))
+            self._comm, self._store = stateless_init_torch_distributed_process_group(
+                host, port, rank, world_size, "gloo", timeout=timedelta(seconds=timeout_s),
+                return_store=True)
+        self._work: Any = None  # the gloo operation in flight
+
+    def idle(self) -> bool:
+        return self._work is None or bool(self._work.is_completed())
+
+    def abort(self) -> None:
+        """Sender: give the push up; every receiver still waiting raises WeightPushAborted."""
+        if self._store is not None:
+            try:
+                self._store.set(ABORT_KEY, "1")
+            except Exception:  # the store went down with the group: nothing waits on it
+                pass
+
+    def _aborted(self) -> bool:
+        try:
+            return bool(self._store.check([ABORT_KEY]))
+        except Exception:  # the sender (the store's host) is gone: the operation fails alone
+            return False
+
+    def _wait(self, work: Any) -> None:
+        """Wait for a gloo operation in slices of POLL_S, giving up when the sender aborts."""
+        import time
+        from datetime import timedelta
+
+        self._work = work
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                work.wait(timedelta(seconds=POLL_S))
+                self._work = None
+                return
+            except RuntimeError:
+                if work.is_completed() or time.monotonic() > deadline:
+                    self._work = None
+                    raise  # the operation failed (a peer is gone) or ran out of time
+                if self.rank != 0 and self._aborted():
+                    _abandoned.append(self)
+                    raise WeightPushAborted(
+                        "the trainer gave up this weight push (another member of the "
+                        "weight-sync group failed); the group is formed again") from None
 
     def broadcast(self, t: Any) -> None:
         """`t` from rank 0 into every rank's `t`, in place; returns once it has arrived."""
@@ -387,7 +448,7 @@ class WeightChannel:
 
             opts = dist.BroadcastOptions()
             opts.rootRank = 0  # the group's own rank: a stateless group has no global one
-            self._comm.broadcast([t], opts).wait()
+            self._wait(self._comm.broadcast([t], opts))
 
     def send(self, named: Iterable[Named]) -> tuple[int, dict[str, tuple[float, float]]]:
         """Rank 0: broadcast each tensor as it comes (from device memory on GPU: nothing is
