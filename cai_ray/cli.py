@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
                    "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
 
+    p = sub.add_parser("dpo", help="RL-CAI without a preference model: DPO of the policy on "
+                       "the AI-labelled comparisons (soft labels, frozen reference, DeepSpeed)")
+    _add_run_args(p)
+    p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
+                   "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
+
     p = sub.add_parser("ppo", help="RL-CAI: PPO of the policy against the preference model "
                        "(vLLM rollouts, PM rewards, reference KL, DeepSpeed trainer)")
     _add_run_args(p)
@@ -139,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="DIR")
 
     p = sub.add_parser("pipeline", help="every stage in order (sl → label → rm → ppo → eval → "
-                       "report), each skipped when its finished output exists and resumed "
+                       "report; with pipeline.rl=dpo, dpo instead of rm → ppo), each skipped when its finished output exists and resumed "
                        "when interrupted")
     _add_run_args(p)
     p.add_argument("--resume", action="store_true", help="let the PPO stage continue from its "
@@ -294,10 +300,20 @@ def _cmd_judge_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    from cai_ray.stages.rm import read_comparisons, run_rm
+    from cai_ray.comparisons import read_comparisons
+    from cai_ray.stages.rm import run_rm
 
     src = args.comparisons
     return _run_stages(args, lambda cfg, out: [("rm", lambda: run_rm(cfg, out, src))],
+                       (lambda: read_comparisons(Path(src), src)) if src else None)
+
+
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    from cai_ray.comparisons import read_comparisons
+    from cai_ray.stages.dpo import run_dpo
+
+    src = args.comparisons
+    return _run_stages(args, lambda cfg, out: [("dpo", lambda: run_dpo(cfg, out, src))],
                        (lambda: read_comparisons(Path(src), src)) if src else None)
 
 
@@ -409,6 +425,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from cai_ray.report import write_report
+    from cai_ray.stages.dpo import run_dpo
     from cai_ray.stages.evaluate import run_eval
     from cai_ray.stages.label import run_label
     from cai_ray.stages.ppo import run_ppo
@@ -423,19 +440,23 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         problems = rl_sampling_problems(cfg)  # the RL stage's refusal, before SL runs an hour
         if problems:
             raise ValidationError("RL-CAI sampling", problems)
+        rl: list[Stage] = [("rm", lambda: run_rm(cfg, out)),
+                           ("ppo", lambda: run_ppo(cfg, out, args.resume))]
+        if cfg.pipeline.rl == "dpo":
+            rl = [("dpo", lambda: run_dpo(cfg, out))]
         return [("sl/generate", lambda: run_generate(cfg, out)),
                 ("sl/train", lambda: run_train(cfg, out)),
-                ("label", lambda: run_label(cfg, out)), ("rm", lambda: run_rm(cfg, out)),
-                ("ppo", lambda: run_ppo(cfg, out, args.resume)),
+                ("label", lambda: run_label(cfg, out)), *rl,
                 ("eval", lambda: run_eval(cfg, out)), ("report", lambda: write_report(out))]
 
     return _run_stages(args, build)
 
 
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
-            "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl,
-            "label": _cmd_label, "judge-check": _cmd_judge_check, "rm": _cmd_rm, "ppo": _cmd_ppo, "eval": _cmd_eval,
-            "report": _cmd_report, "serve": _cmd_serve, "plan": _cmd_plan, "pipeline": _cmd_pipeline}
+            "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl, "label": _cmd_label,
+            "judge-check": _cmd_judge_check, "rm": _cmd_rm, "dpo": _cmd_dpo, "ppo": _cmd_ppo,
+            "eval": _cmd_eval, "report": _cmd_report, "serve": _cmd_serve, "plan": _cmd_plan,
+            "pipeline": _cmd_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,3 +192,34 @@ class PPOStats:
             xs = [getattr(s, k) for s in stats if getattr(s, k) is not None]
             vals[k] = sum(xs) / len(xs) if xs else None
         return PPOStats(**vals)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DPOPairs:
+    """A DPO micro-batch: B comparisons tokenised as the rollout engine renders them, with the
+    frozen reference's summed log-probs computed once beforehand."""
+
+    seqs_a: list[tuple[list[int], list[int]]]  # B × (prompt ids, response A ids)
+    seqs_b: list[tuple[list[int], list[int]]]  # B × (prompt ids, response B ids)
+    ref_a: list[float]  # [B] Σ log π_ref(response A tokens)
+    ref_b: list[float]  # [B]
+    p_a: list[float]  # [B] soft labels: probability that A is the better response
+
+
+@dataclass(frozen=True)
+class DPOStats:
+    """One trainer rank's DPO micro-batch (`DPOTrainerWorker.train_dpo`)."""
+
+    step: int  # micro-steps taken by this rank
+    loss: float
+    margin: float  # mean implicit-reward margin of the label's side over the other
+    reward_chosen: float  # mean implicit reward of the side the label prefers
+    reward_rejected: float
+    accuracy: float  # share of pairs whose margin has the label's sign (ties left out)
+    lr: float
+    grad_norm: float | None
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        return {f"dpo/{k}": float(v) for k, v in self.__dict__.items()
+                if v is not None and k != "step"}

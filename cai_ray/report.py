@@ -1,12 +1,12 @@
 """`cai-ray report DIR`: one self-contained HTML page with PNG plots of a run, no W&B needed.
 
-Reads what the stages wrote (`eval/elo.json`, `ppo/metrics.jsonl`, `rm/metrics.json`,
-`sl/train_metrics.json`) and draws, for whatever is there:
+Reads what the stages wrote (`eval/elo.json`, `ppo/metrics.jsonl`, `dpo/metrics.jsonl`,
+`rm/metrics.json`, `sl/train_metrics.json`) and draws, for whatever is there:
 
 - Elo per snapshot with 95% intervals, harmlessness and helpfulness, for each judge (AI
   feedback model, PM);
 - the harmlessness-vs-helpfulness Elo scatter, one point per snapshot (the paper's picture);
-- PPO reward and KL curves;
+- PPO reward and KL curves; DPO loss and implicit-reward curves;
 - the PM's reliability curve on held-out comparisons.
 
 The page (`DIR/report.html`) refers to PNGs in `DIR/report/`; tables give the numbers.
@@ -143,6 +143,25 @@ def ppo_plot(rows: list[dict[str, Any]], out: Path) -> Path:
     axes[1].set_xlabel("step")
     fig.tight_layout()
     path = out / "ppo.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def dpo_plot(rows: list[dict[str, Any]], out: Path) -> Path:
+    plt = _plt()
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].plot(steps, [r["dpo/loss"] for r in rows], marker=".")
+    axes[0].set_title("DPO loss")
+    axes[0].set_xlabel("step")
+    axes[1].plot(steps, [r["dpo/reward_chosen"] for r in rows], marker=".", label="chosen")
+    axes[1].plot(steps, [r["dpo/reward_rejected"] for r in rows], marker=".", label="rejected")
+    axes[1].set_title("implicit reward β·(log π − log π_ref)")
+    axes[1].set_xlabel("step")
+    axes[1].legend()
+    fig.tight_layout()
+    path = out / "dpo.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -319,6 +338,16 @@ def write_report(run_dir: str | Path) -> Path:
                             [[r["step"], r["reward/score_mean"], r["kl/mean"],
                               r.get("policy/clip_fraction", ""), r.get("time/step", "")]
                              for r in ppo_rows]))
+    dpo_rows = [r for r in _jsonl(run / "dpo" / "metrics.jsonl") if "dpo/loss" in r]
+    if dpo_rows:
+        dpo_path = run / "dpo" / "metrics.json"
+        held = json.loads(dpo_path.read_text()).get("held_out", {}) if dpo_path.exists() \
+            else {}
+        sections.append(f'<h2>DPO</h2><img src="report/{dpo_plot(dpo_rows, out).name}" '
+                        'alt="DPO loss and implicit rewards">' + _table(
+                            ["aspect", "held-out", "accuracy", "ECE", "margin"],
+                            [[a, v.get("count"), v.get("accuracy"), v.get("ece"),
+                              v.get("margin")] for a, v in held.items()]))
     check_path = run / "label" / "judge_check.json"
     if check_path.exists():
         jc = json.loads(check_path.read_text())
@@ -351,7 +380,7 @@ def write_report(run_dir: str | Path) -> Path:
               sl.get("loss_after")]]))
     if not sections:
         raise FileNotFoundError(f"{run} has no stage output to report (eval/elo.json, "
-                                "ppo/metrics.jsonl, rm/metrics.json)")
+                                "ppo/metrics.jsonl, dpo/metrics.jsonl, rm/metrics.json)")
     notes = scope_notes(run)
     if notes:
         sections.insert(0, "<h2>What this run can and cannot show</h2><ul>" +

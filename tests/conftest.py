@@ -45,3 +45,17 @@ def tiny_model_dir() -> Path:
     from cai_ray.models import prepare
 
     return prepare("tiny-llama")
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """`cai-ray ARGS` in this process (no interpreter start-up, the imports already warm):
+    the exit code and what went to stderr. For commands that stop before any actor starts."""
+    import contextlib
+    import io
+
+    from cai_ray.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, err.getvalue()

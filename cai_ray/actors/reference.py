@@ -1,7 +1,7 @@
-"""Reference role: the frozen initial policy, for the KL term.
+"""Reference role: the frozen initial policy, for PPO's KL term and DPO's implicit reward.
 
-It answers the log-probs of response tokens at the sampler's temperature, as the trainer's are,
-with no optimizer and no process group: one actor per shard of a batch.
+It answers the log-probs of response tokens at the sampler's temperature, as the trainer's are
+(DPO: at temperature 1), with no optimizer and no process group: one actor per shard of a batch.
 """
 
 from __future__ import annotations
@@ -40,9 +40,17 @@ class ReferenceWorker(Worker):
                                           temperature=self.temperature)[0].cpu())
         return torch.cat(out)
 
+    def logprob_sums(self, seqs: list[Sequence]) -> list[float]:
+        """Σ log p of each sequence's response tokens (DPO's reference term), one per sequence."""
+        flat = self.logprobs(seqs)
+        return [float(x.sum()) for x in torch.split(flat, [len(r) for _, r in seqs])]
 
-def reference_group(cfg: Config, policy: ModelSpec, device: str) -> ActorGroup[ReferenceWorker]:
-    """The reference group: `policy` frozen, read in the trainer's dtype and length."""
+
+def reference_group(cfg: Config, policy: ModelSpec, device: str,
+                    temperature: float | None = None) -> ActorGroup[ReferenceWorker]:
+    """The reference group: `policy` frozen, read in the trainer's dtype and length, its
+    log-probs at `temperature` (None: the sampler's, as PPO's trainer)."""
+    t = cfg.rollout.sampling.temperature if temperature is None else temperature
     return role_group(cfg, "reference", ReferenceWorker,
                       (policy, cfg.trainer.dtype, cfg.trainer.max_length,
-                       cfg.trainer.micro_batch_size, device, cfg.rollout.sampling.temperature))
+                       cfg.trainer.micro_batch_size, device, t))

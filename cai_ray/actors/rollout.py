@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
@@ -137,6 +138,10 @@ class RolloutWorker(Worker):
         self.device = ("cuda" if cuda_available() else "cpu") if device == "auto" else device
         for k, v in vllm_env(engine, self.device, ctx.threads).items():
             os.environ.setdefault(k, v)
+        # vLLM's kernel dispatcher reads every attribute of torch.distributed, which warns
+        # for each renamed one (a FutureWarning per engine start and weight load)
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch\.distributed\.\w+` is deprecated")
         from vllm import LLM
 
         casts = _quiet_engine()

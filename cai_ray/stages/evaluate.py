@@ -77,7 +77,8 @@ class Snapshot:
 
 
 def resolve_snapshots(cfg: Config, out_dir: Path, names: list[str]) -> list[Snapshot]:
-    """initial, sl, ppo, ppo@N, or name=DIR → model directories; missing ones are named."""
+    """initial, sl, ppo, ppo@N, dpo, or name=DIR → model directories; missing ones are
+    named."""
     from cai_ray.models import resolve
 
     out, missing = [], []
@@ -88,12 +89,13 @@ def resolve_snapshots(cfg: Config, out_dir: Path, names: list[str]) -> list[Snap
             name, path = n, resolve(cfg.model)
         elif n == "sl":
             name, path = n, str(out_dir / "sl" / "model")
-        elif n == "ppo":
-            name, path = n, str(out_dir / "ppo" / "model")
+        elif n in ("ppo", "dpo"):
+            name, path = n, str(out_dir / n / "model")
         elif n.startswith("ppo@") and n[4:].isdigit():
             name, path = n, str(out_dir / "ppo" / "snapshots" / f"step-{int(n[4:]):08d}")
         else:
-            raise ValueError(f"eval snapshot {n!r}: use initial, sl, ppo, ppo@STEP or NAME=DIR")
+            raise ValueError(f"eval snapshot {n!r}: use initial, sl, ppo, ppo@STEP, dpo or "
+                             "NAME=DIR")
         if not (Path(path) / "config.json").exists():
             missing.append(f"{name} ({path})")
         out.append(Snapshot(name, path))
@@ -341,6 +343,9 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def run_eval(cfg: Config, out_dir: Path, snapshots: list[str] | None = None) -> Path:
     names = list(snapshots or cfg.eval.snapshots)
+    if snapshots is None and cfg.pipeline.rl == "dpo":  # the RL-CAI policy is DPO's
+        names = list(dict.fromkeys("dpo" if n == "ppo" else n for n in names
+                                   if not n.startswith("ppo@")))
     if snapshots is None and "ppo" in names:  # the PPO snapshots saved along the way too
         at = names.index("ppo")
         names[at:at] = [n for n in ppo_snapshot_names(out_dir) if n not in names]

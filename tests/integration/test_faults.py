@@ -1,15 +1,19 @@
 """Fault tolerance during PPO with real processes: the rollout actor's process is SIGKILLed; the
 run restarts it, gives it the current weights, generates the lost batch again and finishes with
 the right step count, every prompt trained on exactly once. A frozen reward actor is restarted
-when its call times out; a trainer death stops the run, and --resume finishes it. The driver's
-side of these (repeated deaths of every role, hangs, a hung trainer ending the run, the restore
-hooks, resume) is tested in milliseconds in tests/unit/test_ppo_driver.py."""
+when its call times out. A SIGKILLed driver and then a trainer death each stop a run, and
+--resume finishes it, every prompt once. The driver's side of these (repeated deaths of every
+role, hangs, a hung trainer ending the run, the restore hooks, resume) is tested in
+milliseconds in tests/unit/test_ppo_driver.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -144,42 +148,91 @@ def test_a_killed_rollout_actor_and_a_frozen_reward_actor(ray_local, tiny_model_
     assert all(r["staleness/max"] <= 1 for r in rows)
 
 
-def test_trainer_death_stops_the_run_and_resume_continues(tiny_model_dir, tmp_path: Path
-                                                          ) -> None:
-    """A trainer failure is not retried: the run stops naming the role and the call, the
-    checkpoints stay whole, and --resume finishes the run with every prompt once."""
-    import subprocess
-    import sys
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float) -> None:
+    path = run / "ppo" / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        if path.exists() and any(json.loads(x).get("step", 0) >= step
+                                 for x in path.read_text().splitlines() if x.strip()):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} within {timeout} s")
 
+
+def test_a_killed_driver_and_a_dead_trainer_each_resume_every_prompt_once(
+        tiny_model_dir, tmp_path: Path) -> None:
+    """One streaming run (max_staleness 1, T = 0.7, the trainer and the reference sharing
+    bundles) meets two failures, each followed by --resume:
+
+    1. the driver is SIGKILLed after step 3 (a lost node): nothing is cleaned up, a rerun
+       without --resume refuses to overwrite its checkpoints, and --resume continues;
+    2. in that resumed run the trainer dies after step 5: it is not retried, the run stops
+       naming the role and the call, the checkpoints stay whole and the shared placement
+       group is released; --resume finishes the run.
+
+    Across the three runs every prompt is trained on exactly once, each batch made by the
+    weight version the uninterrupted run makes it with (the checkpoint keeps the batch the
+    previous weights had already sampled), and the last two checkpoints are the ones kept."""
     _save_tiny_pm(tmp_path)
-    # The trainer and the reference share bundles here: the shared placement group is
-    # released by the failed run and made again by --resume.
+    steps, staleness = 8, 1
     args = [sys.executable, "-m", "cai_ray.cli", "ppo", "--config", str(TINY), "--output",
-            str(tmp_path), "ppo.steps=10", "ppo.checkpoint_every=2",
-            "placement.colocate=[[trainer, reference]]"]
+            str(tmp_path), f"ppo.steps={steps}", "ppo.checkpoint_every=2",
+            "ppo.keep_checkpoints=2", f"ppo.max_staleness={staleness}",
+            "rollout.sampling.temperature=0.7", "placement.colocate=[[trainer, reference]]"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_step(tmp_path, 3, proc, timeout=400)  # past the checkpoint at step 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        time.sleep(2)
+        try:  # Ray's processes of that run go with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "ppo" / "model").exists()
+
+    # Without --resume the earlier run's checkpoints are not silently overwritten.
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "--resume" in p.stderr
+
+    proc = subprocess.Popen(args + ["--resume"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "ppo" / "metrics.jsonl"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] \
-            if metrics.exists() else []
-        trainers = _pids("PPOTrainerWorker")
-        if done and max(done) >= 3 and trainers:
-            os.kill(trainers[0], signal.SIGKILL)
-            break
-        time.sleep(0.05)
+    _wait_for_step(tmp_path, 5, proc, timeout=400)
+    trainers = _pids("PPOTrainerWorker")
+    assert trainers
+    os.kill(trainers[0], signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
+    m = re.search(r"resumed from step-(\d{8})", err)
+    assert m and int(m.group(1)) in (2, 4), err[-3000:]
     assert "trainer[rank 0]" in err and "the actor died" in err and "Traceback" not in err
     ckpts = tmp_path / "ppo" / "checkpoints"
     assert any(x.name.startswith("step-") for x in ckpts.iterdir())  # whole ones to resume from
+
     p = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    _assert_each_prompt_once(tmp_path, load_config(TINY, []), 10)
-    assert sorted(x.name for x in ckpts.iterdir()) == ["step-00000008", "step-00000010"]
+    m = re.search(r"resumed from step-(\d{8})", p.stderr)
+    assert m and int(m.group(1)) in (4, 6), p.stderr[-3000:]
+    cfg = load_config(TINY, [])
+    _assert_each_prompt_once(tmp_path, cfg, steps)
+    consumed = [json.loads(x) for x in
+                (tmp_path / "ppo" / "consumed.jsonl").read_text().splitlines()]
+    assert [c["version"] for c in consumed] == [max(0, c["step"] - 1 - staleness)
+                                                for c in consumed]
+    rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "reward/score_mean" in r]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(r["staleness/max"] == min(staleness, r["step"] - 1) for r in rows)
+    assert sorted(x.name for x in ckpts.iterdir()) == ["step-00000006", "step-00000008"]
+    state = json.loads((ckpts / "step-00000008" / "state.json").read_text())
+    assert state["step"] == steps and state["weight_version"] == steps
+    assert (tmp_path / "ppo" / "model" / "config.json").exists()
 
 
 def test_judge_restarts_a_dead_feedback_actor(ray_local, tiny_model_dir) -> None:

@@ -1,24 +1,17 @@
 """RL-CAI PPO on the tiny model: it learns what the PM rewards, engines and trainer agree after
-every sync, the staleness bound holds, and a SIGKILLed run resumes consuming each prompt once."""
+every sync, and the staleness bound holds. A SIGKILLed driver and a dead trainer, each resumed
+consuming every prompt once, are in test_faults.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cai_ray.actors.group import SHARED_PLACEMENTS
 from cai_ray.config import load_config
-from cai_ray.data import PromptStream
 from cai_ray.models import load_tokenizer
-from cai_ray.rollouts import ppo_prompts
 from cai_ray.stages.ppo import run_ppo
 from cai_ray.stages.rm import run_rm
 from cai_ray.synthetic import marker_pairs
@@ -126,74 +119,6 @@ def test_grpo_single_update_with_kl_in_the_loss_learns(marker_pm: Path, tmp_path
     assert "rollout/logprob_gap" not in rows[-1]  # no old log-probs were computed
     assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows)
     assert any(r["response/truncated_fraction"] > 0 for r in rows)  # at T = 0.7, truncating
-
-
-def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float) -> None:
-    path = run / "ppo" / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        if path.exists() and any(json.loads(x).get("step", 0) >= step
-                                 for x in path.read_text().splitlines() if x.strip()):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"no step {step} within {timeout} s")
-
-
-# max_staleness=0 (nothing sampled ahead) resumes in tests/unit/test_ppo_driver.py.
-@pytest.mark.parametrize("staleness", [1])
-def test_killed_driver_resumes_consuming_every_prompt_once(marker_pm: Path, staleness: int,
-                                                            tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "cai_ray.cli", "ppo", "--config", str(TINY), "--output",
-            str(tmp_path), f"ppo.reward_model={marker_pm}", "ppo.steps=12",
-            "ppo.checkpoint_every=3", "ppo.keep_checkpoints=2", f"ppo.max_staleness={staleness}",
-            "rollout.sampling.temperature=0.7"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for_step(tmp_path, 4, proc, timeout=400)  # past the checkpoint at step 3
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        time.sleep(2)
-        try:  # Ray's processes of that run go with it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "ppo" / "model").exists()
-
-    # Without --resume the earlier run's checkpoints are not silently overwritten.
-    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and "--resume" in p.stderr
-
-    p = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    m = re.search(r"resumed from step-(\d{8})", p.stderr)
-    assert m and int(m.group(1)) in (3, 6, 9), p.stderr[-3000:]
-
-    consumed = [json.loads(x) for x in
-                (tmp_path / "ppo" / "consumed.jsonl").read_text().splitlines()]
-    assert [c["step"] for c in consumed] == list(range(1, 13))
-    cfg = load_config(TINY, [])
-    expected = PromptStream(ppo_prompts(cfg), seed=cfg.data.shuffle_seed).take(12 * 4)
-    assert [i for c in consumed for i in c["prompts"]] == [x.id for x in expected]
-    # Every batch was made by the weights the uninterrupted run makes it with, across the
-    # resume too: synchronous, the trainer's current ones; streaming, one version older
-    # (the checkpoint keeps the batch the previous weights had already sampled).
-    assert [c["version"] for c in consumed] == [max(0, c["step"] - 1 - staleness)
-                                                for c in consumed]
-    rows = _metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 13))
-    assert all(r["staleness/max"] == min(staleness, r["step"] - 1) for r in rows)
-    ckpts = sorted(p.name for p in (tmp_path / "ppo" / "checkpoints").iterdir())
-    assert ckpts == ["step-00000009", "step-00000012"]  # the last two; no torn ones
-    state = json.loads((tmp_path / "ppo" / "checkpoints" / "step-00000012" /
-                        "state.json").read_text())
-    assert state["step"] == 12 and state["weight_version"] == 12
-    assert (tmp_path / "ppo" / "model" / "config.json").exists()
 
 
 def test_sync_check_catches_an_engine_on_stale_weights(marker_pm: Path, tmp_path: Path) -> None:

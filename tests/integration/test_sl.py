@@ -22,6 +22,7 @@ from cai_ray.configschema import ValidationError
 from cai_ray.constitution import load_constitution
 from cai_ray.stages.sl import run_generate
 from cai_ray.stages.sl_train import run_train
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
@@ -129,11 +130,10 @@ def test_bad_prompt_file_is_reported_before_anything_runs(tmp_path: Path, conten
                                                           fragment: str) -> None:
     f = tmp_path / "prompts.jsonl"
     f.write_text(content)
-    p = subprocess.run([sys.executable, "-m", "cai_ray.cli", "sl", "--config", str(TINY),
-                        "--output", str(tmp_path / "out"), "--prompts", str(f)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert fragment in p.stderr and str(f) in p.stderr and "Traceback" not in p.stderr
+    code, err = run_cli("sl", "--config", str(TINY), "--output", str(tmp_path / "out"),
+                        "--prompts", str(f))
+    assert code == 2, err[-2000:]
+    assert fragment in err and str(f) in err and "Traceback" not in err
     assert not (tmp_path / "out" / "sl" / "shards").exists() or \
         not any((tmp_path / "out" / "sl" / "shards").iterdir())
 
