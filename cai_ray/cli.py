@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
                    "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
 
+    p = sub.add_parser("redteam", help="grow the red-team set: few-shot prompt the policy "
+                       "model with data.red_team's prompts, keep new, de-duplicated ones")
+    _add_run_args(p)
+    p.add_argument("--num", type=int, required=True, help="prompts to generate (written to "
+                   "DIR/redteam/prompts, which data.red_team.name accepts)")
+
     p = sub.add_parser("dpo", help="RL-CAI without a preference model: DPO of the policy on "
                        "the AI-labelled comparisons (soft labels, frozen reference, DeepSpeed)")
     _add_run_args(p)
@@ -308,6 +314,20 @@ def _cmd_rm(args: argparse.Namespace) -> int:
                        (lambda: read_comparisons(Path(src), src)) if src else None)
 
 
+def _cmd_redteam(args: argparse.Namespace) -> int:
+    from cai_ray.configschema import Problem
+    from cai_ray.stages.redteam import run_redteam
+
+    def precheck() -> None:
+        if args.num < 1:
+            raise ValidationError("cai-ray redteam", [Problem(
+                "--num", f"must be a positive number of prompts, got {args.num}",
+                "command line")])
+
+    return _run_stages(args, lambda cfg, out: [("redteam", lambda: run_redteam(
+        cfg, out, args.num))], precheck)
+
+
 def _cmd_dpo(args: argparse.Namespace) -> int:
     from cai_ray.comparisons import read_comparisons
     from cai_ray.stages.dpo import run_dpo
@@ -454,7 +474,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl, "label": _cmd_label,
-            "judge-check": _cmd_judge_check, "rm": _cmd_rm, "dpo": _cmd_dpo, "ppo": _cmd_ppo,
+            "judge-check": _cmd_judge_check, "rm": _cmd_rm, "dpo": _cmd_dpo,
+            "redteam": _cmd_redteam, "ppo": _cmd_ppo,
             "eval": _cmd_eval, "report": _cmd_report, "serve": _cmd_serve, "plan": _cmd_plan,
             "pipeline": _cmd_pipeline}
 

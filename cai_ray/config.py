@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from cai_ray.configschema import in_range, non_empty, non_negative, option, positive, to_dict
-from cai_ray.configstages import DPOConfig, PipelineConfig, PPOConfig, SLConfig
+from cai_ray.configstages import DPOConfig, PipelineConfig, PPOConfig, RedteamConfig, SLConfig
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 ROLES = ("rollout", "feedback", "reward", "trainer", "reference")
@@ -344,6 +344,8 @@ class Config:
     dpo: DPOConfig = option(factory=DPOConfig, help="RL-CAI DPO stage (offline, on the "
                             "AI-labelled comparisons)")
     pipeline: PipelineConfig = option(factory=PipelineConfig, help="what `cai-ray pipeline` runs")
+    redteam: RedteamConfig = option(factory=RedteamConfig, help="red-team prompt generation "
+                                    "(`cai-ray redteam`)")
     eval: EvalConfig = option(factory=EvalConfig, help="Elo evaluation and report")
     serve: ServeConfig = option(factory=ServeConfig, help="HTTP services (PM and judge)")
     data: DataConfig = option(factory=DataConfig, help="prompt sources")

@@ -1,5 +1,6 @@
-"""The run configuration's stage sections: SL-CAI, PPO, DPO and what the pipeline runs. Part of
-the schema in `cai_ray.config`, which imports them (import them from there)."""
+"""The run configuration's stage sections: SL-CAI, PPO, DPO, what the pipeline runs, and red-team
+prompt generation. Part of the schema in `cai_ray.config`, which imports them (import them from
+there)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,29 @@ class PipelineConfig:
     rl: Literal["ppo", "dpo"] = option(
         "ppo", "the RL-CAI stage of `cai-ray pipeline`: ppo (label → rm → ppo) or dpo (label → "
         "dpo on the comparisons, no preference model)")
+
+
+@dataclass
+class RedteamConfig:
+    few_shot: int = option(5, "seed red-team prompts shown in each generation request (a "
+                           "fresh random draw per request, for diversity)", positive)
+    temperature: float = option(1.0, "sampling temperature of the generator", positive)
+    top_p: float = option(0.95, "nucleus mass of the generator",
+                          in_range(0.0, 1.0, lo_open=True))
+    max_new_tokens: int = option(64, "tokens per generated prompt", positive)
+    batch_size: int = option(32, "generation requests per round", positive)
+    max_rounds: int = option(50, "rounds before giving up short of --num", positive)
+    min_words: int = option(4, "shortest prompt kept, in words", positive)
+    max_words: int = option(60, "longest prompt kept, in words", positive)
+    min_latin_share: float = option(
+        0.9, "share of the letters that must be Latin-script (a script check, not a language "
+        "identifier: it drops prompts in other scripts and mixed-script noise)",
+        in_range(0.0, 1.0))
+    near_duplicate: float = option(
+        0.5, "a prompt whose word-trigram Jaccard similarity with a seed or a kept prompt "
+        "reaches this is a near-duplicate and dropped", in_range(0.0, 1.0, lo_open=True))
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.min_words > self.max_words:
+            return [("min_words", f"must be <= max_words ({self.max_words})")]
+        return []

@@ -47,15 +47,15 @@ def tiny_model_dir() -> Path:
     return prepare("tiny-llama")
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    """`cai-ray ARGS` in this process (no interpreter start-up, the imports already warm):
-    the exit code and what went to stderr. For commands that stop before any actor starts."""
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`cai-ray ARGS` in this process (no interpreter start-up, the imports already warm, and
+    the test session's Ray joined when there is one): exit code, stdout and stderr."""
     import contextlib
     import io
 
     from cai_ray.cli import main
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(args))
-    return code, err.getvalue()
+    return code, out.getvalue(), err.getvalue()

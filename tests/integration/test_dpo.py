@@ -6,12 +6,11 @@ comparison files are named before anything starts."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from cai_ray.config import load_config
 from cai_ray.stages.dpo import run_dpo
+from tests.conftest import run_cli
 from tests.integration.test_rm import synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,9 +83,8 @@ def test_bad_comparisons_are_named_before_dpo_starts(tmp_path: Path) -> None:
     rows = synthetic(3, 1)
     rows[0]["p_a"] = "high"
     f.write_text("\n".join(json.dumps(r) for r in rows))
-    p = subprocess.run([sys.executable, "-m", "cai_ray.cli", "dpo", "--config", str(TINY),
-                        "--output", str(tmp_path / "out"), "--comparisons", str(f)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert "line 1: p_a must be a number in [0, 1], got 'high'" in p.stderr
+    code, _, err = run_cli("dpo", "--config", str(TINY), "--output", str(tmp_path / "out"),
+                           "--comparisons", str(f))
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert "line 1: p_a must be a number in [0, 1], got 'high'" in err
     assert not (tmp_path / "out" / "dpo").exists()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -15,6 +13,7 @@ from cai_ray.config import load_config
 from cai_ray.configschema import ValidationError
 from cai_ray.constitution import load_constitution
 from cai_ray.stages.label import run_label
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
@@ -73,8 +72,12 @@ def test_bad_check_set_stops_before_any_actor(tmp_path: Path) -> None:
 
 
 def test_cot_labels_are_clamped(ray_local, tiny_model_dir, tmp_path: Path) -> None:
+    # the judge check before labelling runs the CoT labeller too (on one small set here)
     run_label(load_config(TINY, BASE + ["feedback.method=cot", "feedback.cot_max_tokens=8",
-                                        "data.helpful.limit=1"]), tmp_path)
+                                        "data.helpful.limit=1", "feedback.check_sets=[harmless]",
+                                        "feedback.check_limit=2"]), tmp_path)
+    check = json.loads((tmp_path / "label" / "judge_check.json").read_text())
+    assert check["method"] == "cot" and check["sets"]["harmless"]["n"] == 2
     data = datasets.load_from_disk(str(tmp_path / "label" / "comparisons"))
     assert set(data["method"]) == {"cot"}
     assert all(0.4 <= p <= 0.6 for p in data["p_a"])
@@ -98,26 +101,24 @@ def test_pairs_file_without_response_b(tmp_path: Path) -> None:
     f = tmp_path / "pairs.jsonl"
     f.write_text(json.dumps({"prompt": "hi", "response_a": "x", "response_b": "y"}) + "\n" +
                  json.dumps({"prompt": "hello", "response_a": "x"}) + "\n")
-    p = subprocess.run([sys.executable, "-m", "cai_ray.cli", "label", "--config", str(TINY),
-                        "--output", str(tmp_path / "out"), "--pairs", str(f)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert f"{f}: line 2: missing or empty response_b" in p.stderr
+    code, _, err = run_cli("label", "--config", str(TINY), "--output", str(tmp_path / "out"),
+                           "--pairs", str(f))
+    assert code == 2 and "Traceback" not in err
+    assert f"{f}: line 2: missing or empty response_b" in err
     assert not (tmp_path / "out" / "label").exists()
 
 
-def test_judge_check_command(tiny_model_dir, tmp_path: Path) -> None:
+def test_judge_check_command(ray_local, tiny_model_dir, tmp_path: Path) -> None:
     own = tmp_path / "mine.jsonl"
     own.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "better": "A real answer.",
                                          "worse": "No.", "aspect": "helpful"})
                              for i in range(3)) + "\n")
-    p = subprocess.run([sys.executable, "-m", "cai_ray.cli", "judge-check", "--config", str(TINY),
-                        "--output", str(tmp_path / "out"), "--sets", f"harmless,{own}",
-                        "--limit", "4", "feedback.few_shot=0"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    code, stdout, err = run_cli("judge-check", "--config", str(TINY), "--output",
+                                str(tmp_path / "out"), "--sets", f"harmless,{own}", "--limit",
+                                "4", "feedback.few_shot=0")
+    assert code == 0, err[-2000:]
     check = json.loads((tmp_path / "out" / "label" / "judge_check.json").read_text())
     assert check["sets"]["harmless"]["n"] == 4 and check["sets"]["mine"]["n"] == 3
     assert check["few_shot"] == 0
-    assert "harmless" in p.stdout and "95% interval" in p.stdout
+    assert "harmless" in stdout and "95% interval" in stdout
     assert not (tmp_path / "out" / "label" / "comparisons").exists()  # labels nothing

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from cai_ray.config import load_config
 from cai_ray.configschema import ValidationError
 from cai_ray.messages import Comparison
 from cai_ray.stages.rm import read_comparisons, run_rm, score_pairs
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
@@ -74,8 +73,7 @@ def test_bad_comparisons_are_named(tmp_path: Path) -> None:
     text = str(exc.value)
     assert "line 2: p_a must be a number in [0, 1], got 1.5" in text
     assert "line 3: missing response_b" in text
-    p = subprocess.run([sys.executable, "-m", "cai_ray.cli", "rm", "--config", str(TINY),
-                        "--output", str(tmp_path / "out"), "--comparisons", str(f)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and "p_a must be" in p.stderr
+    code, _, err = run_cli("rm", "--config", str(TINY), "--output", str(tmp_path / "out"),
+                           "--comparisons", str(f))
+    assert code == 2 and "Traceback" not in err and "p_a must be" in err
     assert not (tmp_path / "out" / "rm").exists()

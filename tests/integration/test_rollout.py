@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import yaml
 from cai_ray.actors.rollout import RolloutWorker, rollout_group
 from cai_ray.config import load_config
 from cai_ray.messages import GenerationRequest
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,14 +65,13 @@ def test_seeded_prompts_over_one_step_budget(rollout) -> None:
     assert alone.completions[0].token_ids == together[5].completions[0].token_ids
 
 
-def test_sample_command_end_to_end(tiny_model_dir, tmp_path: Path) -> None:
+def test_sample_command_end_to_end(ray_local, tiny_model_dir, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cai_ray.cli", "sample", "--config",
-         str(ROOT / "configs" / "cpu-tiny.yaml"), "--output", str(out), "--num-prompts", "5",
-         "rollout.sampling.max_new_tokens=8"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stdout, err = run_cli("sample", "--config", str(ROOT / "configs" / "cpu-tiny.yaml"),
+                                "--output", str(out), "--num-prompts", "5",
+                                "rollout.sampling.max_new_tokens=8")
+    assert code == 0, err[-3000:]
+    assert "5 responses" in stdout
     rows = [json.loads(line) for line in (out / "sample" / "samples.jsonl").open()]
     assert len(rows) == 5 and len({r["id"] for r in rows}) == 5
     assert all(r["id"].startswith("donotanswer:") and r["prompt"] for r in rows)

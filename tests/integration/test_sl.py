@@ -130,8 +130,8 @@ def test_bad_prompt_file_is_reported_before_anything_runs(tmp_path: Path, conten
                                                           fragment: str) -> None:
     f = tmp_path / "prompts.jsonl"
     f.write_text(content)
-    code, err = run_cli("sl", "--config", str(TINY), "--output", str(tmp_path / "out"),
-                        "--prompts", str(f))
+    code, _, err = run_cli("sl", "--config", str(TINY), "--output", str(tmp_path / "out"),
+                           "--prompts", str(f))
     assert code == 2, err[-2000:]
     assert fragment in err and str(f) in err and "Traceback" not in err
     assert not (tmp_path / "out" / "sl" / "shards").exists() or \
