@@ -136,6 +136,24 @@ class RewardConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = option(0, "LoRA rank r of the trained adapters (peft); 0 = full finetuning",
+                       non_negative)
+    alpha: float = option(16.0, "LoRA α: the adapters' update is scaled by α / r", positive)
+    dropout: float = option(0.0, "dropout on the adapters' input", in_range(0.0, 1.0,
+                                                                            hi_open=True))
+    target_modules: list[str] = option(
+        help="module names that get adapters (Llama/Qwen projections by default)",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                         "down_proj"])
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.rank and not self.target_modules:
+            return [("target_modules", "LoRA needs at least one target module")]
+        return []
+
+
+@dataclass
 class TrainerConfig:
     zero_stage: Literal[2, 3] = option(2, "DeepSpeed ZeRO stage")
     lr: float = option(1e-5, "peak learning rate", positive)
@@ -152,6 +170,9 @@ class TrainerConfig:
     comm_backend: Literal["auto", "gloo", "nccl"] = option("auto", "auto: nccl on GPU, gloo on CPU")
     max_length: int = option(1024, "tokens per training sequence", positive)
     gradient_checkpointing: bool = option(False, "trade compute for activation memory")
+    lora: LoRAConfig = option(factory=LoRAConfig, help="LoRA adapters instead of full "
+                              "finetuning (SFT, PPO, DPO); merged into the weights pushed to "
+                              "vLLM and saved")
 
 
 @dataclass

@@ -56,7 +56,7 @@ class DPOTrainerWorker(TrainerWorker):
         """Σ log π of each sequence's response tokens, [len(seqs)], with gradient."""
         ids, attn, mask = (x.to(self.engine.device) for x in
                            pack_sequences(seqs, pad_id(self.tokenizer), self.cfg.max_length))
-        flat = token_logprobs(self.engine.module, ids, attn, mask)[0]
+        flat = token_logprobs(self.policy, ids, attn, mask)[0]
         return torch.stack([x.sum() for x in torch.split(flat, [len(r) for _, r in seqs])])
 
     def _loss(self, pairs: DPOPairs) -> Any:

@@ -42,9 +42,8 @@ from cai_ray.actors.weight_sync import (
     WeightChannel,
     WeightExport,
     checksum,
-    export_names,
+    export_plan,
     iter_buckets,
-    named_tensors,
 )
 from cai_ray.actors.weight_sync import publish as publish_buckets
 from cai_ray.algorithms.masked import masked_mean
@@ -118,7 +117,7 @@ class PPOTrainerWorker(TrainerWorker):
         with torch.no_grad():
             for i in range(0, len(seqs), mb):
                 ids, attn, mask = self._pack(seqs[i:i + mb])
-                lps.append(token_logprobs(self.engine.module, ids, attn, mask,
+                lps.append(token_logprobs(self.policy, ids, attn, mask,
                                           temperature=self.temperature)[0])
                 if self.critic is not None:
                     vals.append(self._values(ids, attn, mask))
@@ -169,7 +168,7 @@ class PPOTrainerWorker(TrainerWorker):
                 for m in range(0, len(rows), mb):
                     idx = rows[m:m + mb]
                     ids, attn, mask = self._pack([seqs[i] for i in idx])
-                    logp, ent = token_logprobs(self.engine.module, ids, attn, mask,
+                    logp, ent = token_logprobs(self.policy, ids, attn, mask,
                                                entropy=True, temperature=self.temperature)
                     ones = torch.ones_like(logp, dtype=torch.bool)
                     adv = take(advantages, idx)
@@ -223,15 +222,13 @@ class PPOTrainerWorker(TrainerWorker):
         in the same order); other ranks yield nothing."""
         import deepspeed
 
-        module = self.engine.module
-        live = named_tensors(module)
-        for name in export_names(module):
-            p = live[name]
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None,
+        for item in export_plan(self.engine.module):
+            params = [p for p in item.params if isinstance(p, torch.nn.Parameter)]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
                                                    enabled=self.cfg.zero_stage == 3 and
-                                                   isinstance(p, torch.nn.Parameter)):
+                                                   bool(params)):
                 if self.ctx.rank == 0:
-                    yield name, p.detach()
+                    yield item.name, item.make()
 
     def export_weights(self, bucket_mb: float) -> WeightExport:
         """Object-store weight sync: rank 0's weights in published buckets, each put into the
@@ -252,10 +249,9 @@ class PPOTrainerWorker(TrainerWorker):
     def weight_metas(self) -> list[TensorMeta]:
         """Names, full shapes (`ds_shape` of a ZeRO-3 partitioned parameter, whose own shape is
         empty) and dtypes of what `broadcast_weights` sends, in its order."""
-        live = named_tensors(self.engine.module)
-        return [TensorMeta(n, tuple(getattr(live[n], "ds_shape", live[n].shape)),
-                           str(live[n].dtype).removeprefix("torch."))
-                for n in export_names(self.engine.module)]
+        return [TensorMeta(x.name, tuple(getattr(x.params[0], "ds_shape", x.params[0].shape)),
+                           str(x.params[0].dtype).removeprefix("torch."))
+                for x in export_plan(self.engine.module)]
 
     def join_weight_group(self, host: str, port: int, world_size: int,
                           timeout_s: float = 1800.0) -> str:
@@ -289,7 +285,7 @@ class PPOTrainerWorker(TrainerWorker):
         self.engine.eval()
         with torch.no_grad():
             ids, attn, mask = self._pack([(x[:1], x[1:]) for x in token_ids])
-            flat = token_logprobs(self.engine.module, ids, attn, mask)[0].tolist()
+            flat = token_logprobs(self.policy, ids, attn, mask)[0].tolist()
         out, i = [], 0
         for x in token_ids:
             out.append(flat[i:i + len(x) - 1])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
+from cai_ray.actors.weight_sync import export_plan, hf_module
 from cai_ray.algorithms.masked import selected_token_logprobs
 from cai_ray.config import Config, ModelSpec, TrainerConfig
 from cai_ray.hardware import dtype_name, torch_dtype
@@ -170,6 +171,41 @@ def build_optimizer(params: Any, t: TrainerConfig, lr: float) -> Any:
     return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
 
 
+def with_lora(model: Any, t: TrainerConfig) -> Any:
+    """`model` with trainable LoRA adapters on `trainer.lora.target_modules` (peft), the base
+    weights frozen. With gradient checkpointing the inputs must carry a gradient for the
+    adapters' to flow (peft's documented step)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = t.lora
+    if t.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
+                                            lora_dropout=lora.dropout,
+                                            target_modules=list(lora.target_modules),
+                                            task_type="CAUSAL_LM"))
+
+
+def unwrapped_config(module: Any) -> Any:
+    """The HF config of a (peft-wrapped) model, as a plain model of its class saves it."""
+    return hf_module(module).config
+
+
+def save_state_dict(tensors: dict[str, Any], out: Path) -> None:
+    """Weights as one `model.safetensors` (tied names stored once, as save_pretrained does)."""
+    from safetensors.torch import save_file
+
+    seen: dict[int, str] = {}
+    kept = {}
+    for name, t in tensors.items():
+        key = t.data_ptr()
+        if key in seen:  # the same storage under two names (a tied head)
+            continue
+        seen[key] = name
+        kept[name] = t.detach().contiguous().cpu()
+    save_file(kept, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
 def quiet_trainer() -> None:
     """Keep a training rank's console to what it is doing: DeepSpeed's calls into torch's
     renamed collectives warn on every step (a FutureWarning each), and transformers draws a
@@ -286,11 +322,20 @@ class TrainerWorker(DistributedWorker):
             trust_remote_code=self.spec.trust_remote_code)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        opt = build_optimizer(model.parameters(), self.cfg, self.cfg.lr)
+        if self.cfg.lora.rank:
+            model = with_lora(model, self.cfg)
+        opt = build_optimizer([p for p in model.parameters() if p.requires_grad], self.cfg,
+                              self.cfg.lr)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=opt,
             config=ds_config(self.cfg, total_steps, self.ctx.world_size, self.grad_accum))
         return sum(p.numel() for p in model.parameters())
+
+    @property
+    def policy(self) -> Any:
+        """The HF model the forward passes run (with a LoRA model: its base with the adapters
+        active, whose `.model` and `.lm_head` the log-prob helpers call)."""
+        return hf_module(self.engine.module)
 
     # --- SFT ------------------------------------------------------------------------------------
 
@@ -316,7 +361,7 @@ class TrainerWorker(DistributedWorker):
 
     def sequence_logprobs(self, ids: Any, attn: Any, mask: Any) -> Any:
         """log p of every masked token given its prefix: [N] in row-major order."""
-        return token_logprobs(self.engine.module, ids, attn, mask)[0]
+        return token_logprobs(self.policy, ids, attn, mask)[0]
 
     def train_sft(self, samples: list[SFTSample]) -> TrainStats:
         """One micro-batch: forward, backward, and an optimizer step at accumulation
@@ -356,7 +401,12 @@ class TrainerWorker(DistributedWorker):
             if self.ctx.rank == 0:
                 out = Path(path)
                 out.mkdir(parents=True, exist_ok=True)
-                module.save_pretrained(out, safe_serialization=True)
+                if self.cfg.lora.rank:  # a plain HF model: the adapters merged into a copy
+                    merged = {x.name: x.make() for x in export_plan(module)}
+                    unwrapped_config(module).save_pretrained(out)
+                    save_state_dict(merged, out)
+                else:
+                    module.save_pretrained(out, safe_serialization=True)
                 self.tokenizer.save_pretrained(out)
         return path
 

@@ -21,7 +21,7 @@ cache and takes the new version.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +86,68 @@ def export_names(module: Any) -> list[str]:
     `state_dict()` keys, so a tied output head (`lm_head.weight`, the same tensor as the input
     embedding) is sent under both names. `named_parameters()` lists a shared tensor once, and
     vLLM then never re-derives the head's packed kernel weights: it keeps sampling from the
-    initial head however the policy trains."""
-    return list(module.state_dict(keep_vars=True).keys())
+    initial head however the policy trains. A LoRA model's names are its base model's
+    (`export_plan`)."""
+    return [x.name for x in export_plan(module)]
+
+
+def hf_module(module: Any) -> Any:
+    """The HF model inside a peft model (its LoRA layers active), else `module` itself."""
+    if hasattr(module, "peft_config") and hasattr(module, "get_base_model"):
+        return module.get_base_model()
+    return module
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """One tensor the engine loads: its HF name, the live tensors its value is computed from
+    (gathered together under ZeRO-3) and how to compute it while they are gathered."""
+
+    name: str
+    params: tuple[Any, ...]  # params[0]: the tensor of that name (its shape and dtype)
+    make: Callable[[], Any]
+
+
+def _merged(weight: Any, layer: Any, adapters: list[str]) -> Any:
+    """W + Σ ΔW of the active adapters (ΔW = B·A·α/r, peft's `get_delta_weight`), in W's
+    dtype: a new tensor, the live weights untouched."""
+    import torch
+
+    with torch.no_grad():
+        out = weight.detach().clone()
+        for a in adapters:
+            out += layer.get_delta_weight(a).to(out.dtype)
+    return out
+
+
+def export_plan(module: Any) -> list[ExportItem]:
+    """What the engine loads for `module`, in `state_dict` order. A plain HF model: each
+    tensor as it is. A peft LoRA model: the base model's names, each LoRA-wrapped layer's
+    weight merged with its adapters into a copy (`.base_layer.` dropped from the name), the
+    adapter tensors themselves not sent: the engine runs the merged weights."""
+    base = hf_module(module)
+    live = named_tensors(base)
+    lora = {n: m for n, m in base.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    items = []
+    for key in base.state_dict(keep_vars=True):
+        if ".lora_" in key:
+            continue
+        p = live[key]
+        if ".base_layer." not in key:
+            items.append(ExportItem(key, (p,), lambda p=p: p.detach()))
+            continue
+        path, leaf = key.split(".base_layer.", 1)
+        layer = lora[path]
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A] \
+            if leaf == "weight" and not getattr(layer, "disable_adapters", False) else []
+        params = (p, *[t for a in adapters for t in (layer.lora_A[a].weight,
+                                                      layer.lora_B[a].weight)])
+        items.append(ExportItem(f"{path}.{leaf}", params,
+                                (lambda p=p, layer=layer, adapters=adapters:
+                                 _merged(p, layer, adapters)) if adapters else
+                                (lambda p=p: p.detach())))
+    return items
 
 
 def named_tensors(module: Any) -> dict[str, Any]:

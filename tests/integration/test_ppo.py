@@ -157,3 +157,29 @@ def tiny_model_dir_path() -> Path:
     from cai_ray.models import resolve
 
     return Path(resolve(load_config(TINY, []).model))
+
+
+def test_lora_ppo_pushes_merged_weights_the_probe_accepts(marker_pm: Path, tmp_path: Path
+                                                          ) -> None:
+    """trainer.lora.rank=8: only the adapters train, their merge into a copy of the weights
+    is what every sync pushes (the probe and the audit agree with the adapted trainer), and
+    the saved policy is a plain HF model (names as the base's) that has moved."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=3", "trainer.lr=1e-2",
+                             "trainer.lora.rank=8", "ppo.checkpoint_every=10"])
+    run_ppo(cfg, tmp_path)
+    rows = [r for r in _metrics(tmp_path) if "reward/score_mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows), rows
+    assert all(r["sync/audit_rel_err"] < 1e-4 for r in rows)
+    assert max(abs(r["kl/mean"]) for r in rows[1:]) > 1e-3  # the adapters did move it
+    saved, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo" / "model",
+                                                       output_loading_info=True)
+    assert not any(info.values()), info
+    from cai_ray.models import resolve
+
+    base = AutoModelForCausalLM.from_pretrained(resolve(cfg.model))
+    assert list(saved.state_dict()) == list(base.state_dict())
+    assert any((a - b).abs().max() > 0
+               for a, b in zip(saved.parameters(), base.parameters(), strict=True))
