@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 Named = tuple[str, Any]  # (parameter name, tensor)
@@ -108,6 +109,10 @@ class ExportItem:
     make: Callable[[], Any]
 
 
+def _detached(t: Any) -> Any:
+    return t.detach()
+
+
 def _merged(weight: Any, layer: Any, adapters: list[str]) -> Any:
     """W + Σ ΔW of the active adapters (ΔW = B·A·α/r, peft's `get_delta_weight`), in W's
     dtype: a new tensor, the live weights untouched."""
@@ -135,7 +140,7 @@ def export_plan(module: Any) -> list[ExportItem]:
             continue
         p = live[key]
         if ".base_layer." not in key:
-            items.append(ExportItem(key, (p,), lambda p=p: p.detach()))
+            items.append(ExportItem(key, (p,), partial(_detached, p)))
             continue
         path, leaf = key.split(".base_layer.", 1)
         layer = lora[path]
@@ -144,9 +149,8 @@ def export_plan(module: Any) -> list[ExportItem]:
         params = (p, *[t for a in adapters for t in (layer.lora_A[a].weight,
                                                       layer.lora_B[a].weight)])
         items.append(ExportItem(f"{path}.{leaf}", params,
-                                (lambda p=p, layer=layer, adapters=adapters:
-                                 _merged(p, layer, adapters)) if adapters else
-                                (lambda p=p: p.detach())))
+                                partial(_merged, p, layer, adapters) if adapters else
+                                partial(_detached, p)))
     return items
 
 
@@ -451,7 +455,8 @@ class WeightChannel:
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
             self.backend = "gloo"
-            self._comm, self._store = stateless_init_torch_distributed_process_group(
+            # with return_store=True it returns (group, store); its annotation names the group
+            self._comm, self._store = stateless_init_torch_distributed_process_group(  # type: ignore[misc]
                 host, port, rank, world_size, "gloo", timeout=timedelta(seconds=timeout_s),
                 return_store=True)
         self._work: Any = None  # the gloo operation in flight
