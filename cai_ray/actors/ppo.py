@@ -123,6 +123,23 @@ class PPOTrainerWorker(TrainerWorker):
                     vals.append(self._values(ids, attn, mask))
         return PolicyForward(torch.cat(lps).cpu(), torch.cat(vals).cpu() if vals else None)
 
+    def reference_logprobs(self, seqs: list[Sequence]) -> Any:
+        """With LoRA, the reference for free: the frozen base (the initial policy) with the
+        adapters disabled, log-probs of the response tokens at the sampler's temperature, flat
+        [N] (what the reference role answers without LoRA); no gradients."""
+        if not self.cfg.lora.rank:
+            raise RuntimeError("reference_logprobs needs trainer.lora.rank > 0 (else the "
+                               "trained weights are not the reference)")
+        self.engine.eval()
+        out = []
+        mb = self.cfg.micro_batch_size
+        with torch.no_grad(), self.engine.module.disable_adapter():
+            for i in range(0, len(seqs), mb):
+                ids, attn, mask = self._pack(seqs[i:i + mb])
+                out.append(token_logprobs(self.policy, ids, attn, mask,
+                                          temperature=self.temperature)[0])
+        return torch.cat(out).cpu() if out else torch.zeros(0)
+
     def train_ppo(self, exp: Experience) -> PPOStats:
         """PPO epochs over this rank's shard of a batch (`Experience.shard`), in shuffled
         minibatches of mini_batch_size / world sequences (one optimizer step each, accumulated

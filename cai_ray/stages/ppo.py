@@ -136,17 +136,20 @@ class PPORun:
         batch = p.rollout_batch_size * p.samples_per_prompt
         opt_steps = p.steps * p.ppo_epochs * (batch // p.mini_batch_size)
         critic = self.reward if p.advantage == "gae" else None
-        return {
+        makers: dict[str, Callable[[], ActorGroup[Any]]] = {
             "rollout": lambda: rollout_group(cfg, self.policy),
             "reward": lambda: reward_group(cfg, self.reward, None),
             "reference": lambda: reference_group(cfg, self.policy, self.device),
             "trainer": lambda: ppo_trainer_group(cfg, self.policy, critic, self.device,
                                                  opt_steps),
         }
+        if cfg.trainer.lora.rank:  # the reference is the trainer's frozen base, adapters off
+            del makers["reference"]
+        return makers
 
     def _start(self) -> None:
         cfg = self.cfg
-        makers = self.group_makers()  # the four groups start at once (loads overlap)
+        makers = self.group_makers()  # the groups start at once (loads overlap)
         pool = ThreadPoolExecutor(len(makers))
         try:
             futures = {name: pool.submit(make) for name, make in makers.items()}
@@ -163,7 +166,10 @@ class PPORun:
                 raise errors[0]
         finally:
             pool.shutdown(wait=False)
-        self.rollout, self.scorer, self.reference, self.trainer = self.groups
+        named = dict(zip(makers, self.groups, strict=True))
+        self.rollout, self.scorer, self.trainer = named["rollout"], named["reward"], \
+            named["trainer"]
+        self.reference: ActorGroup[ReferenceWorker] | None = named.get("reference")
         self.weights = WeightPusher(cfg, self.trainer, self.rollout, self.transport)
         self.weights.join()
         # One recovery path: each group restarts its dead or hung actors itself and runs its
@@ -215,12 +221,16 @@ class PPORun:
         lengths = [len(s.response_ids) for s in samples]
         items = [(s.prompt.messages, s.text, s.finished) for s in samples]
         score_p = self.scorer.submit_shards(RewardWorker.score, items)
-        ref_p = self.reference.submit_shards(ReferenceWorker.logprobs, seqs)
+        world = self.trainer.num_actors
+        b = shard_bounds(len(seqs), world)
+        if self.reference is not None:
+            ref_p = self.reference.submit_shards(ReferenceWorker.logprobs, seqs)
+        else:  # LoRA: each trainer rank, its base with the adapters disabled
+            ref_p = [self.trainer.submit(r, PPOTrainerWorker.reference_logprobs,
+                                         seqs[b[r]:b[r + 1]]) for r in range(world)]
         fwd = []
         with timer("experience"):
             if not p.single_update:  # else the old log-probs are the training forward's own
-                world = self.trainer.num_actors
-                b = shard_bounds(len(seqs), world)
                 fwd = self.trainer.get([self.trainer.submit(r, PPOTrainerWorker.experience,
                                                             seqs[b[r]:b[r + 1]])
                                         for r in range(world)])
@@ -228,8 +238,11 @@ class PPORun:
             pm_scores = torch.tensor(self.scorer.gather_again(
                 score_p, RewardWorker.score, items, max_restarts=budget), dtype=torch.float32)
         with timer("reference"):
-            ref_flat = torch.cat(self.reference.gather_again(
-                ref_p, ReferenceWorker.logprobs, seqs, max_restarts=budget, flatten=False))
+            if self.reference is not None:
+                ref_flat = torch.cat(self.reference.gather_again(
+                    ref_p, ReferenceWorker.logprobs, seqs, max_restarts=budget, flatten=False))
+            else:  # a trainer failure is not retried
+                ref_flat = torch.cat(self.trainer.get(ref_p))
         with timer("advantages"):
             truncated = torch.tensor([not s.finished for s in samples])
             scores = pm_scores - p.truncated_penalty * truncated.float()

@@ -162,15 +162,22 @@ def tiny_model_dir_path() -> Path:
 def test_lora_ppo_pushes_merged_weights_the_probe_accepts(marker_pm: Path, tmp_path: Path
                                                           ) -> None:
     """trainer.lora.rank=8: only the adapters train, their merge into a copy of the weights
-    is what every sync pushes (the probe and the audit agree with the adapted trainer), and
-    the saved policy is a plain HF model (names as the base's) that has moved."""
+    is what every sync pushes (the probe and the audit agree with the adapted trainer), the
+    reference is the trainer's base with the adapters off (no reference actors: KL exactly 0
+    before the first update, then not), and the saved policy is a plain HF model (names as
+    the base's) that has moved."""
     from transformers import AutoModelForCausalLM
+
+    from cai_ray.stages.ppo import PPORun
 
     cfg = load_config(TINY, [f"ppo.reward_model={marker_pm}", "ppo.steps=3", "trainer.lr=1e-2",
                              "trainer.lora.rank=8", "ppo.checkpoint_every=10"])
-    run_ppo(cfg, tmp_path)
+    run = PPORun(cfg, tmp_path, resume=False)
+    run.run()
+    assert sorted(g.role for g in run.groups) == ["reward", "rollout", "trainer"]
     rows = [r for r in _metrics(tmp_path) if "reward/score_mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-6)
     assert all(r["sync/logprob_max_diff"] < 1e-3 for r in rows), rows
     assert all(r["sync/audit_rel_err"] < 1e-4 for r in rows)
     assert max(abs(r["kl/mean"]) for r in rows[1:]) > 1e-3  # the adapters did move it
