@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
                    "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
 
+    p = sub.add_parser("online-dpo", help="RL-CAI: online DPO, the feedback model labelling "
+                       "fresh policy samples in the loop (no PM, no critic; PPO's streaming "
+                       "driver, weight sync, checkpoints)")
+    _add_run_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest "
+                   "checkpoint under DIR/online_dpo/checkpoints")
+
     p = sub.add_parser("ppo", help="RL-CAI: PPO of the policy against the preference model "
                        "(vLLM rollouts, PM rewards, reference KL, DeepSpeed trainer)")
     _add_run_args(p)
@@ -151,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="DIR")
 
     p = sub.add_parser("pipeline", help="every stage in order (sl → label → rm → ppo → eval → "
-                       "report; with pipeline.rl=dpo, dpo instead of rm → ppo), each skipped when its finished output exists and resumed "
+                       "report; pipeline.rl=dpo: dpo for rm → ppo; online_dpo: online DPO "
+                       "for label → rm → ppo), each skipped when its finished output exists "
+                       "and resumed "
                        "when interrupted")
     _add_run_args(p)
     p.add_argument("--resume", action="store_true", help="let the PPO stage continue from its "
@@ -337,6 +346,13 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
                        (lambda: read_comparisons(Path(src), src)) if src else None)
 
 
+def _cmd_online_dpo(args: argparse.Namespace) -> int:
+    from cai_ray.stages.online_dpo import run_online_dpo
+
+    return _run_stages(args, lambda cfg, out: [("online_dpo", lambda: run_online_dpo(
+        cfg, out, args.resume))])
+
+
 def _cmd_ppo(args: argparse.Namespace) -> int:
     from cai_ray.stages.ppo import run_ppo
 
@@ -448,6 +464,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from cai_ray.stages.dpo import run_dpo
     from cai_ray.stages.evaluate import run_eval
     from cai_ray.stages.label import run_label
+    from cai_ray.stages.online_dpo import run_online_dpo
     from cai_ray.stages.ppo import run_ppo
     from cai_ray.stages.rm import run_rm
     from cai_ray.stages.sl import run_generate
@@ -462,11 +479,13 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             raise ValidationError("RL-CAI sampling", problems)
         rl: list[Stage] = [("rm", lambda: run_rm(cfg, out)),
                            ("ppo", lambda: run_ppo(cfg, out, args.resume))]
+        label: list[Stage] = [("label", lambda: run_label(cfg, out))]
         if cfg.pipeline.rl == "dpo":
             rl = [("dpo", lambda: run_dpo(cfg, out))]
+        elif cfg.pipeline.rl == "online_dpo":  # labels its own samples: no label stage
+            label, rl = [], [("online_dpo", lambda: run_online_dpo(cfg, out, args.resume))]
         return [("sl/generate", lambda: run_generate(cfg, out)),
-                ("sl/train", lambda: run_train(cfg, out)),
-                ("label", lambda: run_label(cfg, out)), *rl,
+                ("sl/train", lambda: run_train(cfg, out)), *label, *rl,
                 ("eval", lambda: run_eval(cfg, out)), ("report", lambda: write_report(out))]
 
     return _run_stages(args, build)
@@ -475,7 +494,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,
             "models": _cmd_models, "sample": _cmd_sample, "sl": _cmd_sl, "label": _cmd_label,
             "judge-check": _cmd_judge_check, "rm": _cmd_rm, "dpo": _cmd_dpo,
-            "redteam": _cmd_redteam, "ppo": _cmd_ppo,
+            "redteam": _cmd_redteam, "online-dpo": _cmd_online_dpo, "ppo": _cmd_ppo,
             "eval": _cmd_eval, "report": _cmd_report, "serve": _cmd_serve, "plan": _cmd_plan,
             "pipeline": _cmd_pipeline}
 

@@ -134,9 +134,10 @@ class DPOConfig:
 
 @dataclass
 class PipelineConfig:
-    rl: Literal["ppo", "dpo"] = option(
-        "ppo", "the RL-CAI stage of `cai-ray pipeline`: ppo (label → rm → ppo) or dpo (label → "
-        "dpo on the comparisons, no preference model)")
+    rl: Literal["ppo", "dpo", "online_dpo"] = option(
+        "ppo", "the RL-CAI stage of `cai-ray pipeline`: ppo (label → rm → ppo), dpo (label → "
+        "dpo on the comparisons, no preference model) or online_dpo (the judge labels fresh "
+        "policy samples in the loop: no label stage, no PM)")
 
 
 @dataclass

@@ -148,7 +148,7 @@ def ppo_plot(rows: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-def dpo_plot(rows: list[dict[str, Any]], out: Path) -> Path:
+def dpo_plot(rows: list[dict[str, Any]], out: Path, stage: str = "dpo") -> Path:
     plt = _plt()
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -161,7 +161,7 @@ def dpo_plot(rows: list[dict[str, Any]], out: Path) -> Path:
     axes[1].set_xlabel("step")
     axes[1].legend()
     fig.tight_layout()
-    path = out / "dpo.png"
+    path = out / f"{stage}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -338,16 +338,18 @@ def write_report(run_dir: str | Path) -> Path:
                             [[r["step"], r["reward/score_mean"], r["kl/mean"],
                               r.get("policy/clip_fraction", ""), r.get("time/step", "")]
                              for r in ppo_rows]))
-    dpo_rows = [r for r in _jsonl(run / "dpo" / "metrics.jsonl") if "dpo/loss" in r]
-    if dpo_rows:
-        dpo_path = run / "dpo" / "metrics.json"
+    for stage, title in (("dpo", "DPO"), ("online_dpo", "Online DPO")):
+        dpo_rows = [r for r in _jsonl(run / stage / "metrics.jsonl") if "dpo/loss" in r]
+        if not dpo_rows:
+            continue
+        dpo_path = run / stage / "metrics.json"
         held = json.loads(dpo_path.read_text()).get("held_out", {}) if dpo_path.exists() \
             else {}
-        sections.append(f'<h2>DPO</h2><img src="report/{dpo_plot(dpo_rows, out).name}" '
-                        'alt="DPO loss and implicit rewards">' + _table(
+        sections.append(f'<h2>{title}</h2><img src="report/{dpo_plot(dpo_rows, out, stage).name}" '
+                        'alt="DPO loss and implicit rewards">' + (_table(
                             ["aspect", "held-out", "accuracy", "ECE", "margin"],
                             [[a, v.get("count"), v.get("accuracy"), v.get("ece"),
-                              v.get("margin")] for a, v in held.items()]))
+                              v.get("margin")] for a, v in held.items()]) if held else ""))
     check_path = run / "label" / "judge_check.json"
     if check_path.exists():
         jc = json.loads(check_path.read_text())

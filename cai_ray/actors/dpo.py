@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cai_ray.actors.group import ActorGroup, WorkerContext
+from cai_ray.actors.ppo import PPOTrainerWorker
 from cai_ray.actors.trainer import (
     Sequence,
     TrainerWorker,
@@ -27,7 +28,7 @@ from cai_ray.actors.trainer import (
     token_logprobs,
 )
 from cai_ray.algorithms.dpo import dpo_loss
-from cai_ray.config import Config, DPOConfig, ModelSpec, TrainerConfig
+from cai_ray.config import Config, DPOConfig, ModelSpec, PPOConfig, TrainerConfig
 from cai_ray.messages import Comparison, DPOPairs, DPOStats
 from cai_ray.runtime import device_of, role_group
 
@@ -44,13 +45,17 @@ def comparison_sequences(tok: Any, c: Comparison, limit: int) -> tuple[Sequence,
     return out[0], out[1]
 
 
-class DPOTrainerWorker(TrainerWorker):
-    """The policy under DPO. `address` on rank 0, then `setup` on all (as TrainerWorker)."""
+class DPOSteps:
+    """The DPO micro-step, for a trainer rank that has `engine`, `policy`, `tokenizer`,
+    `cfg` (TrainerConfig), `dpo` (DPOConfig) and `step`: the offline trainer below and the
+    online one (PPO's trainer, with its weight sync, checkpoints and probe)."""
 
-    def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
-                 dpo: DPOConfig, device: str = "cpu", seed: int = 0):
-        super().__init__(ctx, model, trainer, device, seed)
-        self.dpo = dpo
+    engine: Any
+    tokenizer: Any
+    cfg: TrainerConfig
+    dpo: DPOConfig
+    step: int
+    policy: Any  # TrainerWorker's property: the HF model the forwards run
 
     def _sums(self, seqs: list[Sequence]) -> Any:
         """Σ log π of each sequence's response tokens, [len(seqs)], with gradient."""
@@ -98,6 +103,26 @@ class DPOTrainerWorker(TrainerWorker):
             return [float(x) for x in self._loss(pairs).margin]
 
 
+class DPOTrainerWorker(DPOSteps, TrainerWorker):
+    """The policy under offline DPO. `address` on rank 0, then `setup` on all."""
+
+    def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
+                 dpo: DPOConfig, device: str = "cpu", seed: int = 0):
+        TrainerWorker.__init__(self, ctx, model, trainer, device, seed)
+        self.dpo = dpo
+
+
+class OnlineDPOTrainerWorker(DPOSteps, PPOTrainerWorker):
+    """The policy under online DPO: PPO's trainer rank (weights out to the engines, the
+    probe, checkpoints) with no critic, training one DPO step per batch of judged pairs."""
+
+    def __init__(self, ctx: WorkerContext, model: ModelSpec, trainer: TrainerConfig,
+                 ppo: PPOConfig, dpo: DPOConfig, device: str = "cpu", seed: int = 0):
+        PPOTrainerWorker.__init__(self, ctx, model, trainer, ppo, None, device, seed, 1.0)
+        self.dpo = dpo
+        self.grad_accum = 1  # each call is this rank's whole share of the batch: one update
+
+
 def dpo_trainer_group(cfg: Config, policy: ModelSpec, total_steps: int
                       ) -> ActorGroup[DPOTrainerWorker]:
     """The trainer role running DPO (`trainer.*` settings; `dpo.lr` overrides the rate)."""
@@ -108,4 +133,16 @@ def dpo_trainer_group(cfg: Config, policy: ModelSpec, total_steps: int
                       (policy, trainer, cfg.dpo, device, cfg.run.seed),
                       {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {},
                       lambda g: start_ranks(g, DPOTrainerWorker.setup, total_steps,
+                                            cfg.run.startup_timeout_s))
+
+
+def online_dpo_trainer_group(cfg: Config, policy: ModelSpec, total_steps: int
+                             ) -> ActorGroup[OnlineDPOTrainerWorker]:
+    """The trainer role running online DPO (`dpo.lr` overrides the rate)."""
+    trainer = dataclasses.replace(cfg.trainer, lr=cfg.dpo.lr or cfg.trainer.lr)
+    device = device_of(cfg)
+    return role_group(cfg, "trainer", OnlineDPOTrainerWorker,
+                      (policy, trainer, cfg.ppo, cfg.dpo, device, cfg.run.seed),
+                      {"DS_ACCELERATOR": "cpu"} if device == "cpu" else {},
+                      lambda g: start_ranks(g, OnlineDPOTrainerWorker.setup, total_steps,
                                             cfg.run.startup_timeout_s))

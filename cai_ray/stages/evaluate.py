@@ -89,13 +89,13 @@ def resolve_snapshots(cfg: Config, out_dir: Path, names: list[str]) -> list[Snap
             name, path = n, resolve(cfg.model)
         elif n == "sl":
             name, path = n, str(out_dir / "sl" / "model")
-        elif n in ("ppo", "dpo"):
+        elif n in ("ppo", "dpo", "online_dpo"):
             name, path = n, str(out_dir / n / "model")
         elif n.startswith("ppo@") and n[4:].isdigit():
             name, path = n, str(out_dir / "ppo" / "snapshots" / f"step-{int(n[4:]):08d}")
         else:
-            raise ValueError(f"eval snapshot {n!r}: use initial, sl, ppo, ppo@STEP, dpo or "
-                             "NAME=DIR")
+            raise ValueError(f"eval snapshot {n!r}: use initial, sl, ppo, ppo@STEP, dpo, "
+                             "online_dpo or NAME=DIR")
         if not (Path(path) / "config.json").exists():
             missing.append(f"{name} ({path})")
         out.append(Snapshot(name, path))
@@ -343,8 +343,8 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def run_eval(cfg: Config, out_dir: Path, snapshots: list[str] | None = None) -> Path:
     names = list(snapshots or cfg.eval.snapshots)
-    if snapshots is None and cfg.pipeline.rl == "dpo":  # the RL-CAI policy is DPO's
-        names = list(dict.fromkeys("dpo" if n == "ppo" else n for n in names
+    if snapshots is None and cfg.pipeline.rl != "ppo":  # the RL-CAI policy is (online) DPO's
+        names = list(dict.fromkeys(cfg.pipeline.rl if n == "ppo" else n for n in names
                                    if not n.startswith("ppo@")))
     if snapshots is None and "ppo" in names:  # the PPO snapshots saved along the way too
         at = names.index("ppo")

@@ -1,0 +1,177 @@
+"""RL-CAI by online DPO: the feedback model labels fresh policy samples in the loop, no PM, no
+critic (the algorithm most robust to stale samples in the asynchronous-RLHF study of
+Noukhovitch et al., 2024).
+
+    cai-ray online-dpo --config C --output DIR [--resume]
+    cai-ray pipeline ... pipeline.rl=online_dpo
+
+It is PPO's streaming driver (`PPORun`) with three roles swapped: each step the rollout role
+samples `ppo.samples_per_prompt` = 2 responses per prompt (the next batches are generated
+while this one trains, at most `ppo.max_staleness` weight versions behind); the feedback role
+labels each pair under sampled principles in both orders (soft p(A), `feedback.*`, as
+`cai-ray label` does); the reference role's summed log-probs (temperature 1) of both
+responses; then one DPO step of the trainer over the batch (`dpo.*`), and the weight sync
+with its audit and probe. Checkpoints, `--resume` (every prompt once), restarts of the
+rollout, feedback and reference actors, and the metrics (`dpo/*`, `judge/*`, sync, staleness,
+phase timers) are PPO's. `DIR/online_dpo/model` is the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cai_ray.actors.dpo import OnlineDPOTrainerWorker, online_dpo_trainer_group
+from cai_ray.actors.feedback import feedback_group, judge
+from cai_ray.actors.group import ActorGroup
+from cai_ray.actors.reference import ReferenceWorker, reference_group
+from cai_ray.actors.rollout import rollout_group
+from cai_ray.config import Config, ModelSpec
+from cai_ray.configschema import Problem, ValidationError
+from cai_ray.constitution import load_constitution
+from cai_ray.labelling import Labeller
+from cai_ray.messages import DPOPairs, DPOStats, shard_bounds
+from cai_ray.preflight import resolve_path
+from cai_ray.rl_loop import PPORun
+from cai_ray.rollouts import Sample
+from cai_ray.tracking import PhaseTimer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Judged:
+    """What a step learned of its batch besides the pairs (for metrics and the samples table)."""
+
+    scores: torch.Tensor  # [B] the judge's probability that each response is its pair's better
+    p_a: list[float]  # [B/2] per pair
+    disagreements: int  # pairs whose two orders disagreed
+    truncated: torch.Tensor  # [B] bool
+
+
+def online_dpo_problems(cfg: Config) -> list[tuple[str, str]]:
+    p = cfg.ppo
+    out = []
+    if p.samples_per_prompt != 2:
+        out.append(("ppo.samples_per_prompt", f"online DPO compares 2 responses per prompt, got "
+                    f"{p.samples_per_prompt}"))
+    if p.eval_every:
+        out.append(("ppo.eval_every", "the live PM Elo needs a PM, which online DPO does not "
+                    "train; set 0 and rate the policy with `cai-ray eval`"))
+    if p.rollout_batch_size % cfg.placement.trainer.num_actors:
+        out.append(("ppo.rollout_batch_size", "must be a multiple of the trainer ranks "
+                    f"({cfg.placement.trainer.num_actors}): every rank trains on its pairs"))
+    return out
+
+
+class OnlineDPORun(PPORun):
+    stage = "online_dpo"
+    title = "RL-CAI online DPO"
+
+    def __init__(self, cfg: Config, out_dir: Path, resume: bool):
+        bad = online_dpo_problems(cfg)
+        if bad:
+            raise ValidationError("online DPO", [Problem(k, m, "config") for k, m in bad])
+        super().__init__(cfg, out_dir, resume)
+        self.lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))
+
+    def reward_model(self, cfg: Config, out_dir: Path) -> ModelSpec:
+        return cfg.feedback.model or cfg.model  # the judge, not a PM
+
+    def group_makers(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "rollout": lambda: rollout_group(cfg, self.policy),
+            "reward": lambda: feedback_group(cfg),  # the scorer slot: the judge
+            "reference": lambda: reference_group(cfg, self.policy, self.device,
+                                                 temperature=1.0),
+            "trainer": lambda: online_dpo_trainer_group(cfg, self.policy, cfg.ppo.steps),
+        }
+
+    def _aspect(self, sample: Sample) -> str:
+        return "helpful" if sample.prompt.source == self.cfg.data.helpful.name else "harmless"
+
+    def make_experience(self, samples: list[Sample], timer: PhaseTimer
+                        ) -> tuple[DPOPairs, Judged]:  # type: ignore[override]
+        """Judge every pair (both orders, sampled principles) and take the reference's sums,
+        at once on their own actors."""
+        budget = self.cfg.run.max_restarts
+        seqs = [(s.prompt_ids, s.response_ids) for s in samples]
+        assert self.reference is not None
+        ref_p = self.reference.submit_shards(ReferenceWorker.logprob_sums, seqs)
+        pairs = [(samples[i], samples[i + 1]) for i in range(0, len(samples), 2)]
+        per_pair = []
+        queries = []
+        for a, b in pairs:
+            assert a.prompt.id == b.prompt.id, "a batch holds each prompt's samples together"
+            q = self.lab.queries(f"online:{self.step}:{a.prompt.id}", a.prompt.messages,
+                                 a.text, b.text, self._aspect(a))
+            per_pair.append(len(q))
+            queries += q
+        with timer("experience"):
+            pass  # no trainer forward before the update: DPO's log-probs are the update's own
+        with timer("score"):
+            probs = judge(self.scorer, self.lab, queries)
+        with timer("reference"):
+            sums = self.reference.gather_again(ref_p, ReferenceWorker.logprob_sums, seqs,
+                                               max_restarts=budget)
+        p_a, dis, at = [], 0, 0
+        for n in per_pair:
+            p, d = self.lab.fold(probs[at:at + n])
+            at += n
+            p_a.append(p)
+            dis += int(d)
+        scores = torch.tensor([x for p in p_a for x in (p, 1.0 - p)])
+        exp = DPOPairs([(a.prompt_ids, a.response_ids) for a, _ in pairs],
+                       [(b.prompt_ids, b.response_ids) for _, b in pairs],
+                       sums[0::2], sums[1::2], p_a)
+        truncated = torch.tensor([not s.finished for s in samples])
+        return exp, Judged(scores, p_a, dis, truncated)
+
+    def update(self, exp: DPOPairs) -> list[DPOStats]:  # type: ignore[override]
+        """Every trainer rank takes one DPO step on its contiguous share of the pairs."""
+        world = self.trainer.num_actors
+        b = shard_bounds(len(exp.p_a), world)
+        parts = [DPOPairs(exp.seqs_a[b[r]:b[r + 1]], exp.seqs_b[b[r]:b[r + 1]],
+                          exp.ref_a[b[r]:b[r + 1]], exp.ref_b[b[r]:b[r + 1]],
+                          exp.p_a[b[r]:b[r + 1]]) for r in range(world)]
+        trainer: ActorGroup[OnlineDPOTrainerWorker] = self.trainer  # type: ignore[assignment]
+        return trainer.get([trainer.submit(r, OnlineDPOTrainerWorker.train_dpo, part)
+                            for r, part in enumerate(parts)])
+
+    def step_metrics(self, samples: list[Sample], sc: Judged,  # type: ignore[override]
+                     stats: list[DPOStats]) -> dict[str, float]:
+        per = [s.metrics() for s in stats]
+        m = {k: sum(x[k] for x in per) / len(per) for k in per[0]}
+        beta = self.cfg.dpo.beta
+        # Σ(log π − log π_ref) per response over the batch's samples: a k1 estimate of the KL
+        # to the reference (the samples come from the policy, up to max_staleness versions old)
+        kl = (m["dpo/reward_chosen"] + m["dpo/reward_rejected"]) / (2 * beta)
+        lengths = [len(s.response_ids) for s in samples]
+        confidence = [abs(p - 0.5) * 2 for p in sc.p_a]
+        m.update({
+            # the score the run logs: the judge's mean confidence in its labels (the pairs'
+            # mean preference is 0.5 by construction); the PPO-named keys keep the shared
+            # logging and summary working
+            "reward/score_mean": sum(confidence) / len(confidence),
+            "reward/score_std": float(torch.tensor(confidence).std()) if len(confidence) > 1
+            else 0.0,
+            "judge/label_confidence": sum(confidence) / len(confidence),
+            "judge/order_disagreement": sc.disagreements / len(sc.p_a),
+            "kl/mean": kl, "kl/coef": beta,
+            "response/length_mean": float(sum(lengths) / len(lengths)),
+            "response/truncated_fraction": float(sc.truncated.float().mean()),
+        })
+        return m
+
+
+def run_online_dpo(cfg: Config, out_dir: Path, resume: bool = False) -> Path:
+    final = out_dir / "online_dpo" / "model"
+    if (final / "config.json").exists():
+        log.info("online DPO policy already trained in %s; skipping", final)
+        return final
+    return OnlineDPORun(cfg, out_dir, resume).run()
