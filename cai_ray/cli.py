@@ -53,6 +53,11 @@ def _add_run_args(p: argparse.ArgumentParser, output: bool = True) -> None:
                    help="override any config key, e.g. ppo.steps=10 rollout.engine.dtype=float32")
 
 
+def _add_comparisons_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
+                   "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cai-ray", description="Constitutional AI (SL-CAI and "
                                  "RL from AI Feedback) on Ray, vLLM and DeepSpeed.")
@@ -106,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rm", help="RL-CAI: train the preference model on the comparisons")
     _add_run_args(p)
-    p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
-                   "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
+    _add_comparisons_arg(p)
 
     p = sub.add_parser("redteam", help="grow the red-team set: few-shot prompt the policy "
                        "model with data.red_team's prompts, keep new, de-duplicated ones")
@@ -118,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dpo", help="RL-CAI without a preference model: DPO of the policy on "
                        "the AI-labelled comparisons (soft labels, frozen reference, DeepSpeed)")
     _add_run_args(p)
-    p.add_argument("--comparisons", help="JSONL (prompt or messages, response_a, response_b, "
-                   "p_a, aspect) or a saved dataset; default DIR/label/comparisons")
+    _add_comparisons_arg(p)
 
     p = sub.add_parser("online-dpo", help="RL-CAI: online DPO, the feedback model labelling "
                        "fresh policy samples in the loop (no PM, no critic; PPO's streaming "

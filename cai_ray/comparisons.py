@@ -7,6 +7,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -91,3 +92,32 @@ def mix_and_split(comps: list[Comparison], helpful_fraction: float | None,
         train += part[k:]
     rng.shuffle(train)
     return train, held
+
+
+def load_comparisons(out_dir: Path, comparisons: str | None) -> list[Comparison]:
+    """The comparisons a training stage reads: `comparisons` (a JSONL file or a saved
+    dataset), else the label stage's `DIR/label/comparisons`."""
+    src = Path(comparisons) if comparisons else out_dir / "label" / "comparisons"
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist: run `cai-ray label` first, or pass "
+                                "--comparisons")
+    return read_comparisons(src, str(src))
+
+
+def agreement_report(p_model: list[float], comps: list[Comparison]) -> dict[str, Any]:
+    """Accuracy, ECE and the reliability bins of a model's p(A) against the labels, overall
+    and per aspect (the PM's held-out report, and DPO's implicit reward's)."""
+    from cai_ray.algorithms.preference import accuracy, reliability
+
+    out: dict[str, Any] = {}
+    for aspect in ("all", "harmless", "helpful"):
+        sel = [(m, c) for m, c in zip(p_model, comps, strict=True)
+               if aspect == "all" or c.aspect == aspect]
+        if not sel:
+            continue
+        pm = [m for m, _ in sel]
+        labels = [c.p_a for _, c in sel]
+        ece, bins = reliability(pm, labels)
+        out[aspect] = {"count": len(sel), "accuracy": accuracy(pm, labels), "ece": ece,
+                       "reliability": bins}
+    return out

@@ -28,8 +28,7 @@ from cai_ray.actors.dpo import DPOTrainerWorker, comparison_sequences, dpo_train
 from cai_ray.actors.group import ActorGroup
 from cai_ray.actors.reference import ReferenceWorker, reference_group
 from cai_ray.actors.trainer import Sequence, TrainerWorker, save_group_model
-from cai_ray.algorithms.preference import accuracy, reliability
-from cai_ray.comparisons import mix_and_split, read_comparisons
+from cai_ray.comparisons import agreement_report, load_comparisons, mix_and_split
 from cai_ray.config import Config
 from cai_ray.messages import Comparison, DPOPairs, DPOStats
 from cai_ray.models import load_tokenizer
@@ -59,18 +58,13 @@ def pairs_of(rows: list[Encoded]) -> DPOPairs:
 
 
 def held_out_metrics(margins: list[float], comps: list[Comparison]) -> dict[str, Any]:
-    """Accuracy and calibration of σ(margin), the policy's implied p(A), against the labels."""
-    out: dict[str, Any] = {}
-    for aspect in ("all", "harmless", "helpful"):
+    """Accuracy and calibration of σ(margin), the policy's implied p(A), against the labels,
+    and the mean margin on the label's side."""
+    out = agreement_report([1 / (1 + math.exp(-m)) for m in margins], comps)
+    for aspect, v in out.items():
         sel = [(m, c) for m, c in zip(margins, comps, strict=True)
                if aspect == "all" or c.aspect == aspect]
-        if not sel:
-            continue
-        p_model = [1 / (1 + math.exp(-m)) for m, _ in sel]
-        p_label = [c.p_a for _, c in sel]
-        ece, bins = reliability(p_model, p_label)
-        out[aspect] = {"count": len(sel), "accuracy": accuracy(p_model, p_label), "ece": ece,
-                       "margin": label_side_margin(sel), "reliability": bins}
+        v["margin"] = label_side_margin(sel)
     return out
 
 
@@ -86,11 +80,7 @@ def run_dpo(cfg: Config, out_dir: Path, comparisons: str | None = None) -> Path:
     if (final / "config.json").exists():
         log.info("DPO policy already trained in %s; skipping", final)
         return final
-    src = Path(comparisons) if comparisons else out_dir / "label" / "comparisons"
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: run `cai-ray label` first, or pass "
-                                "--comparisons")
-    comps = read_comparisons(src, str(src))
+    comps = load_comparisons(out_dir, comparisons)
     d = cfg.dpo
     train, held = mix_and_split(comps, cfg.reward.helpful_fraction, d.eval_fraction,
                                 cfg.run.seed)

@@ -23,8 +23,13 @@ from tqdm import tqdm
 from cai_ray.actors.group import ActorGroup
 from cai_ray.actors.reward import RewardWorker, reward_group
 from cai_ray.actors.trainer import save_group_model
-from cai_ray.algorithms.preference import accuracy, bt_probability, reliability
-from cai_ray.comparisons import mix_and_split, read_comparisons
+from cai_ray.algorithms.preference import bt_probability
+from cai_ray.comparisons import (  # noqa: F401 - read_comparisons: re-exported
+    agreement_report,
+    load_comparisons,
+    mix_and_split,
+    read_comparisons,
+)
 from cai_ray.config import Config
 from cai_ray.messages import Comparison
 from cai_ray.runtime import ray_session
@@ -34,18 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(scores: list[tuple[float, float]], comps: list[Comparison]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for aspect in ("all", "harmless", "helpful"):
-        sel = [(s, c) for s, c in zip(scores, comps, strict=True)
-               if aspect == "all" or c.aspect == aspect]
-        if not sel:
-            continue
-        p_model = [bt_probability(a, b) for (a, b), _ in sel]
-        p_label = [c.p_a for _, c in sel]
-        ece, bins = reliability(p_model, p_label)
-        out[aspect] = {"count": len(sel), "accuracy": accuracy(p_model, p_label), "ece": ece,
-                       "reliability": bins}
-    return out
+    return agreement_report([bt_probability(a, b) for a, b in scores], comps)
 
 
 def score_pairs(group: ActorGroup[RewardWorker], comps: list[Comparison], batch: int
@@ -65,11 +59,7 @@ def run_rm(cfg: Config, out_dir: Path, comparisons: str | None = None) -> Path:
     if (final / "config.json").exists():
         log.info("preference model already trained in %s; skipping", final)
         return final
-    src = Path(comparisons) if comparisons else out_dir / "label" / "comparisons"
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist: run `cai-ray label` first, or pass "
-                                "--comparisons")
-    comps = read_comparisons(src, str(src))
+    comps = load_comparisons(out_dir, comparisons)
     r = cfg.reward
     train, held = mix_and_split(comps, r.helpful_fraction, r.eval_fraction, cfg.run.seed)
     world = cfg.placement.reward.num_actors
