@@ -59,3 +59,20 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(args))
     return code, out.getvalue(), err.getvalue()
+
+
+def actor_pids(actor_class: str) -> list[int]:
+    """Pids of this test's own Ray actors of `actor_class` (its local Ray, or that of a CLI
+    it started: descendants of this process), oldest first; never another run's on the
+    machine, which a fault test must not kill."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True)
+    out = []
+    for p in sorted(procs, key=lambda p: p.pid):
+        try:
+            if " ".join(p.cmdline()).startswith(f"ray::{actor_class}"):
+                out.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out

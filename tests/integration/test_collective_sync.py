@@ -14,11 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from cai_ray.config import load_config
 from cai_ray.stages.ppo import PPORun
+from tests.conftest import actor_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # real engines and trainers: minutes on 2 cores
@@ -65,8 +65,7 @@ def test_zero3_two_ranks_two_engines_every_sync_checked_and_a_dead_engine_readmi
         while not stop.is_set() and not killed:
             done = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()] \
                 if metrics.exists() else []
-            pids = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-                    if " ".join(p.info["cmdline"] or []).startswith("ray::RolloutWorker")]
+            pids = actor_pids("RolloutWorker")
             if done and max(done) >= 2 and pids:
                 os.kill(pids[-1], signal.SIGKILL)
                 killed.append(pids[-1])

@@ -26,14 +26,14 @@ from cai_ray.config import Config, load_config
 from cai_ray.data import PromptStream
 from cai_ray.rollouts import ppo_prompts
 from cai_ray.stages.ppo import PPORun
+from tests.conftest import actor_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
 
 
 def _pids(actor_class: str) -> list[int]:
-    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-            if " ".join(p.info["cmdline"] or []).startswith(f"ray::{actor_class}")]
+    return actor_pids(actor_class)  # this test's own actors only
 
 
 def _rollout_pids() -> list[int]:

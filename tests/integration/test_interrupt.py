@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import datasets
-import psutil
 import pytest
 
 from cai_ray.cli import interrupted_message, resume_command
+from tests.conftest import actor_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "cpu-tiny.yaml"
@@ -75,8 +75,7 @@ def test_second_sigint_or_a_hanging_clean_up_exits_130(second: bool) -> None:
 
 
 def _actor_pids(actor_class: str) -> list[int]:
-    return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-            if " ".join(p.info["cmdline"] or []).startswith(f"ray::{actor_class}")]
+    return actor_pids(actor_class)
 
 
 def _shards(shards: Path) -> dict[str, int]:
