@@ -115,8 +115,7 @@ class PPORun:
         prompts = ppo_prompts(cfg)
         tok = load_tokenizer(self.policy)
         check_prompt_lengths(cfg, prompts, tok)
-        if cfg.ppo.advantage == "gae":
-            check_same_tokenizer(tok, load_tokenizer(self.reward), self.policy, self.reward)
+        self.check_models(tok)
         self.stream = PromptStream(prompts, seed=cfg.data.shuffle_seed)
         p = cfg.ppo
         self.kl = (AdaptiveKLController(p.kl_coef, p.target_kl) if p.adaptive_kl
@@ -139,6 +138,11 @@ class PPORun:
 
     def reward_model(self, cfg: Config, out_dir: Path) -> ModelSpec:
         return reward_spec(cfg, out_dir)
+
+    def check_models(self, tok: Any) -> None:
+        """A critic starts from the PM: the two must share the policy's tokenizer."""
+        if self.cfg.ppo.advantage == "gae":
+            check_same_tokenizer(tok, load_tokenizer(self.reward), self.policy, self.reward)
 
     def group_makers(self) -> dict[str, Callable[[], ActorGroup[Any]]]:
         """How each role's group is built, in the order rollout, reward, reference, trainer

@@ -82,6 +82,9 @@ class OnlineDPORun(PPORun):
     def reward_model(self, cfg: Config, out_dir: Path) -> ModelSpec:
         return cfg.feedback.model or cfg.model  # the judge, not a PM
 
+    def check_models(self, tok: Any) -> None:
+        """No critic: the judge reads text, so its tokenizer may differ from the policy's."""
+
     def group_makers(self) -> dict[str, Any]:
         cfg = self.cfg
         return {

@@ -48,3 +48,16 @@ def test_online_dpo_refuses_one_sample_per_prompt(tmp_path: Path) -> None:
                            "ppo.samples_per_prompt=1")
     assert code == 2, err[-2000:]
     assert "ppo.samples_per_prompt: online DPO compares 2 responses per prompt, got 1" in err
+
+
+def test_a_judge_with_another_tokenizer_is_accepted(tiny_model_dir, tmp_path: Path) -> None:
+    """PPO's critic must share the policy's tokenizer; online DPO has no critic, and its judge
+    (here SmolLM2's tokenizer beside the tiny policy's) reads text."""
+    from cai_ray.models import resolve
+    from cai_ray.stages.online_dpo import OnlineDPORun
+
+    smol = load_config(ROOT / "configs" / "cpu-smollm.yaml", [])
+    cfg = load_config(TINY, ["ppo.samples_per_prompt=2", "ppo.advantage=gae",
+                             f"feedback.model.path={resolve(smol.model)}"])
+    run = OnlineDPORun(cfg, tmp_path, resume=False)
+    assert run.reward.path == resolve(smol.model) and not run.groups
