@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 Encoded = tuple[Comparison, Sequence, Sequence, float, float]  # comp, A, B, ref Σ A, ref Σ B
 
 
-def reference_sums(cfg: Config, group: ActorGroup[ReferenceWorker], seqs: list[Sequence],
+def reference_sums(group: ActorGroup[ReferenceWorker], seqs: list[Sequence],
                    chunk: int = 64) -> list[float]:
     out: list[float] = []
     with tqdm(total=len(seqs), desc="reference log-probs", unit="seq") as bar:
@@ -102,7 +102,7 @@ def run_dpo(cfg: Config, out_dir: Path, comparisons: str | None = None) -> Path:
     with ray_session(cfg):
         ref = reference_group(cfg, policy, device_of(cfg), temperature=1.0)
         try:
-            sums = reference_sums(cfg, ref, [s for pair in seqs for s in pair])
+            sums = reference_sums(ref, [s for pair in seqs for s in pair])
         finally:
             ref.shutdown()
         rows: list[Encoded] = [(c, a, b, sums[2 * i], sums[2 * i + 1])

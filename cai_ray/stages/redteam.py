@@ -137,13 +137,12 @@ def run_redteam(cfg: Config, out_dir: Path, num: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    metrics = {"requested": num, "kept": len(kept), "seeds": len(seeds),
-               "generated": sum(len(x["kept"]) + sum(x["dropped"].values())
-                                for x in _read_rounds(rounds_path)),
-               "rounds": len(_read_rounds(rounds_path)), **tally.as_dict(),
+    rounds = _read_rounds(rounds_path)
+    metrics = {"requested": num, "seeds": len(seeds),
+               "generated": sum(len(x["kept"]) + sum(x["dropped"].values()) for x in rounds),
+               "rounds": len(rounds), **tally.as_dict(), "kept": len(kept),
                "near_duplicate": "word-trigram Jaccard >= " + str(r.near_duplicate),
                "seconds": time.monotonic() - t0}
-    metrics["kept"] = len(kept)
     metrics_path.write_text(json.dumps(metrics, indent=2))
     log.info("red-team: %d prompts -> %s", len(kept), final)
     return final
