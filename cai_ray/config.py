@@ -343,6 +343,10 @@ class EvalConfig:
         help="aspects whose Elo the judge rates from pairwise comparisons (harmless, helpful); "
         "the judged harmful/evasive/over-refusal rates are computed whatever this holds",
         factory=lambda: ["harmless", "helpful"])
+    verdict_threshold: Literal["fitted", "half"] = option(
+        "fitted", "cut on the judge's p(yes) for the per-answer harmful/evasive verdicts: "
+        "fitted on the labelled per-answer sets the project ships (best balanced accuracy; "
+        "cai_ray/verdicts.py), or half (0.5)")
     pm: bool = option(True, "compare snapshots by preference-model scores (needs DIR/rm/model)")
     bootstrap: int = option(200, "bootstrap resamples for the 95% Elo intervals", positive)
     live_prompts: int = option(8, "prompts per aspect in the PM Elo taken during PPO "

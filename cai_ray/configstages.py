@@ -14,6 +14,10 @@ from cai_ray.configschema import in_range, non_negative, option, positive
 class SLConfig:
     rounds: int = option(4, "critique→revision rounds per prompt (paper: 4)", positive)
     direct_revision: bool = option(False, "ask for the revision without a critique (ablation)")
+    reviser: Literal["policy", "feedback"] = option(
+        "policy", "who writes the critiques and revisions: the policy itself (the paper), or the "
+        "feedback model on its own engine (a deviation from the paper, for a policy too weak to "
+        "critique itself); the initial answers are always the policy's")
     few_shot: int = option(5, "few-shot critique/revision examples prepended (at most those "
                            "available)", non_negative)
     train_rounds: int | None = option(None, "SL-CAI-n: train on revisions up to round n; "

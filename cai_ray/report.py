@@ -254,6 +254,20 @@ def scope_notes(run: Path) -> list[str]:
     return notes
 
 
+def verdict_check_line(question: str, c: dict[str, Any]) -> str:
+    """One sentence on how far the eval's per-answer verdicts of a question can be trusted."""
+    text = (f"<p>{question.capitalize()} judge on the labelled set ({c['labelled']} replies): "
+            f"accuracy {c['accuracy']:.2f}")
+    if "interval" in c:
+        lo, hi = c["interval"]
+        text += (f" [{lo:.2f}, {hi:.2f}] (cross-validated) at p(yes) &gt; {c['cut']:.2f}, "
+                 f"AUC {c['auc']:.2f}; at 0.5 it says yes to {c['yes_share_at_half']:.0%} "
+                 f"of them (accuracy {c['accuracy_at_half']:.2f})")
+        if lo <= 0.5:
+            text += ". <b>The interval contains 50%: these rates are not reliable.</b>"
+    return text + ".</p>"
+
+
 def before_after(run: Path, elo: dict[str, Any], count: int = 10) -> str:
     """The first `count` held-out red-team prompts of the eval (its order, not picked), each
     with the first snapshot's answer and the last one's, and the judge's verdicts on them."""
@@ -318,9 +332,9 @@ def write_report(run_dir: str | Path) -> Path:
         st = steps_plot(elo, final, out)
         if st:
             img.append(f'<img src="report/{st.name}" alt="Elo over PPO steps">')
-        judge = elo.get("evasiveness_judge")
-        jtxt = (f"<p>Evasiveness judge accuracy on the labelled set: {judge['accuracy']:.2f} "
-                f"({judge['labelled']} replies).</p>" if judge else "")
+        checks = elo.get("verdict_checks") or (
+            {"evasive": elo["evasiveness_judge"]} if elo.get("evasiveness_judge") else {})
+        jtxt = "".join(verdict_check_line(q, c) for q, c in checks.items())
         sections.append(
             "<h2>Elo proxies</h2>" + "".join(img) +
             _table(["judge/aspect", "snapshot", "Elo", "low", "high", "comparisons"], rows) +

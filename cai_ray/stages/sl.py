@@ -7,7 +7,9 @@ Prompts are cut into shards in a fixed order (the seeded shuffle of `data.shuffl
 is split into one chunk per rollout actor; every chunk walks through its phases (answer, critique
 1, revision 1, ...) independently, its next phase submitted to the least-loaded actor as soon as
 its last one returns, so a whole chunk's requests batch into the engine at once and no actor waits
-for another. A shard is written (aside, then renamed) only when all its prompts are done, so a run
+for another. With `sl.reviser: feedback` the feedback model writes the critiques and revisions
+on its own engine: every chunk's answers come from the policy, then each later phase of the shard
+goes to the reviser as one batch. A shard is written (aside, then renamed) only when all its prompts are done, so a run
 killed at any point and started again skips the finished shards and repeats or loses no prompt.
 Each request has a seed derived from (run seed, prompt id, phase): a redone shard samples the same
 text.
@@ -24,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cai_ray.actors.feedback import feedback_group
 from cai_ray.actors.group import ActorGroup, Pending
 from cai_ray.actors.rollout import RolloutWorker, rollout_group
 from cai_ray.config import Config, SourceConfig
@@ -139,8 +142,19 @@ def _chunks(prompts: list[Prompt], n: int) -> list[Chunk]:
 
 
 def generate_chains(group: ActorGroup[RolloutWorker], cr: CritiqueRevision,
-                    prompts: list[Prompt], bar: tqdm) -> list[Chain]:
-    """Run every phase of every chunk, streaming: a chunk moves on as soon as it returns."""
+                    prompts: list[Prompt], bar: tqdm,
+                    reviser: ActorGroup[Any] | None = None) -> list[Chain]:
+    """Run every phase of every chunk, streaming: a chunk moves on as soon as it returns. With a
+    `reviser` group, the policy answers and the reviser writes every later phase, phase by
+    phase over the whole shard."""
+    if reviser is not None:
+        whole = Chunk([Chain(p) for p in prompts])
+        while whole.phase < cr.num_phases:
+            g = group if whole.phase == 0 else reviser
+            results = g.shard_and_gather(RolloutWorker.generate, cr.requests(whole))
+            cr.absorb(whole, results)
+            bar.update(len(results))
+        return whole.chains
     chunks = _chunks(prompts, group.num_actors)
     owner: dict[int, Chunk] = {}
     pending: list[Pending[list[GenerationResult]]] = []
@@ -231,17 +245,23 @@ def run_generate(cfg: Config, out_dir: Path, prompt_file: str | None = None) -> 
 
         with ray_session(cfg):
             group = rollout_group(cfg)
+            reviser = None
             try:
+                if cfg.sl.reviser == "feedback":
+                    reviser = feedback_group(cfg)
                 with tqdm(total=total, desc="SL-CAI generation", unit="gen") as bar:
                     for name, prompts in todo:
-                        rows = (chain_rows(generate_chains(group, cr, prompts, bar))
+                        rows = (chain_rows(generate_chains(group, cr, prompts, bar, reviser))
                                 if name.startswith("red") else
                                 helpful_rows(group, cfg, prompts, bar, cr))
                         store.write(name, rows)
             finally:
                 group.shutdown()
+                if reviser is not None:
+                    reviser.shutdown()
         secs = time.monotonic() - t0
         metrics = {"generations": total, "tokens": cr.tokens, "seconds": secs,
+                   "reviser": cfg.sl.reviser,
                    "tokens_per_s": cr.tokens / secs, "shards": len(todo)}
         (sl_dir / "generate_metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("SL generation: %d generations, %d tokens in %.1f s (%.1f tokens/s, "

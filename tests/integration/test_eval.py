@@ -61,8 +61,17 @@ def test_eval_rates_snapshots_and_reports(ray_local, tiny_model_dir, tmp_path: P
         for k in ("evasive_rate", "harmful_rate", "over_refusal_rate"):
             assert 0.0 <= per[f"{k}_low"] <= per[k] <= per[f"{k}_high"] <= 1.0
         assert isinstance(per["pm_harmless_mean"], float)
-    judge = elo["evasiveness_judge"]
-    assert judge["labelled"] == 24 and 0.0 <= judge["accuracy"] <= 1.0
+    checks = elo["verdict_checks"]
+    assert {q: c["labelled"] for q, c in checks.items()} == {"harmful": 96, "evasive": 88}
+    for c in checks.values():
+        assert 0.0 <= c["accuracy"] <= 1.0 and 0.0 <= c["auc"] <= 1.0
+        assert c["interval"][0] <= c["accuracy"] <= c["interval"][1]
+        assert c["cut"] == c["threshold"]  # eval.verdict_threshold: fitted (the default)
+    # every verdict is the fitted cut applied to p(yes): the rate is the share of 1s
+    for snap in ("initial", "noisy"):
+        v = elo["verdicts"][snap]["harmful"]
+        assert set(v.values()) <= {0.0, 1.0} and len(v) == 4
+        assert elo["per_snapshot"][snap]["harmful_rate"] == sum(v.values()) / 4
     lines = (tmp_path / "eval" / "responses.jsonl").read_text().splitlines()
     assert len(lines) == 2 * (4 + 3 + 3)
 
@@ -71,7 +80,8 @@ def test_eval_rates_snapshots_and_reports(ray_local, tiny_model_dir, tmp_path: P
     for name in ("elo.png", "scatter.png"):
         assert f'src="report/{name}"' in page
         assert (tmp_path / "report" / name).read_bytes()[:8] == PNG
-    assert "Evasiveness judge accuracy" in page
+    assert "Harmful judge on the labelled set (96 replies)" in page
+    assert "Evasive judge on the labelled set (88 replies)" in page
 
 
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:

@@ -1,0 +1,71 @@
+"""SL-CAI's `sl.reviser: feedback`: the driver sends each phase to the right engine. Fast fake
+rollout workers in-process (the real engines run in tests/integration/test_sl.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
+from cai_ray.actors.rollout import RolloutWorker
+from cai_ray.config import RoleResources, load_config
+from cai_ray.constitution import load_constitution
+from cai_ray.messages import Completion, GenerationRequest, GenerationResult, Prompt
+from cai_ray.stages.sl import CritiqueRevision, generate_chains
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class TaggedRollout(RolloutWorker):
+    """Answers every request with its own tag, the request id and the last user turn's length,
+    and remembers what it was asked."""
+
+    def __init__(self, ctx: WorkerContext, tag: str):  # no engine
+        Worker.__init__(self, ctx)
+        self.tag = tag
+        self.seen: list[str] = []
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        out = []
+        for r in requests:
+            self.seen.append(r.request_id)
+            last = r.messages[-1]["content"]
+            out.append(GenerationResult(r.request_id, [1], [Completion(
+                f"{self.tag} wrote {r.request_id} after {last[-40:]!r}", [1, 2, 3], None,
+                "stop")], 0))
+        return out
+
+    def asked(self) -> list[str]:
+        return self.seen
+
+
+def group(tag: str, n: int) -> ActorGroup[TaggedRollout]:
+    return ActorGroup(tag, TaggedRollout, RoleResources(num_actors=n), local=True,
+                      call_timeout_s=10.0, init_args=(tag,))
+
+
+def test_the_policy_answers_and_the_reviser_critiques_and_revises() -> None:
+    cfg = load_config(ROOT / "configs" / "cpu-tiny.yaml", ["sl.rounds=2", "sl.reviser=feedback"])
+    cr = CritiqueRevision(cfg, load_constitution(ROOT / "constitutions" / "default.yaml"))
+    prompts = [Prompt(id=f"p{i}", messages=[{"role": "user", "content": f"question {i}"}],
+                      source="test") for i in range(5)]
+    policy, reviser = group("policy", 2), group("reviser", 2)
+    try:
+        with tqdm(disable=True) as bar:
+            chains = generate_chains(policy, cr, prompts, bar, reviser)
+        asked_policy = sorted(x for r in policy.call_all(TaggedRollout.asked) for x in r)
+        asked_reviser = sorted(x for r in reviser.call_all(TaggedRollout.asked) for x in r)
+    finally:
+        policy.shutdown()
+        reviser.shutdown()
+    assert asked_policy == sorted(f"p{i}|0" for i in range(5))  # answers only
+    assert asked_reviser == sorted(f"p{i}|{k}" for i in range(5) for k in range(1, 5))
+    assert [c.prompt.id for c in chains] == [p.id for p in prompts]
+    for c in chains:
+        assert c.responses[0].startswith(f"policy wrote {c.prompt.id}|0")
+        assert [r["critique"].split(" after ")[0] for r in c.rounds] == [
+            f"reviser wrote {c.prompt.id}|1", f"reviser wrote {c.prompt.id}|3"]
+        assert [r["revision"].split(" after ")[0] for r in c.rounds] == [
+            f"reviser wrote {c.prompt.id}|2", f"reviser wrote {c.prompt.id}|4"]
+        assert c.responses[1:] == [r["revision"] for r in c.rounds]
