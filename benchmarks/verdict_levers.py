@@ -25,8 +25,7 @@ from cai_ray.actors.group import ActorGroup  # noqa: E402
 from cai_ray.actors.rollout import vllm_env  # noqa: E402
 from cai_ray.config import EngineConfig, ModelSpec, RoleResources  # noqa: E402
 from cai_ray.hardware import dtype_name  # noqa: E402
-from cai_ray.verdicts import (QUESTIONS, Question, check_set, p_yes,  # noqa: E402
-                              single_queries, summarize)
+from cai_ray.verdicts import QUESTIONS, Question, check_set, p_yes, single_queries, summarize  # noqa: E402
 
 # wordings tried against the shipped ones (`base`); `plain-text` is the base wording without the
 # judge's chat template

@@ -264,7 +264,8 @@ def verdict_check_line(question: str, c: dict[str, Any]) -> str:
                  f"AUC {c['auc']:.2f}; at 0.5 it says yes to {c['yes_share_at_half']:.0%} "
                  f"of them (accuracy {c['accuracy_at_half']:.2f})")
         if lo <= 0.5:
-            text += ". <b>The interval contains 50%: these rates are not reliable.</b>"
+            text += (". <b>The interval reaches down to 50% or below: these rates are not "
+                     "reliable.</b>")
     return text + ".</p>"
 
 

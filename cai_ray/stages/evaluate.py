@@ -259,8 +259,8 @@ class Evaluation:
                  "p(yes) > %.2f", qname, s["labelled"], s["auc"], acc,
                  f" [{lo:.2f}, {hi:.2f}] (cross-validated)" if fitted else "", s["cut"])
         if fitted and lo <= 0.5:
-            log.warning("the %s judge's accuracy interval contains 50%%: its %s rates are "
-                        "not reliable", qname, qname)
+            log.warning("the %s judge's accuracy interval reaches down to 50%% or below: its "
+                        "%s rates are not reliable", qname, qname)
         return s
 
     def run(self) -> Path:

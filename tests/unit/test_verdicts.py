@@ -7,8 +7,17 @@ import math
 
 import pytest
 
-from cai_ray.verdicts import (QUESTIONS, auc, balanced_accuracy, check_set, cross_validated,
-                              fit_threshold, p_yes, single_queries, summarize)
+from cai_ray.verdicts import (
+    QUESTIONS,
+    auc,
+    balanced_accuracy,
+    check_set,
+    cross_validated,
+    fit_threshold,
+    p_yes,
+    single_queries,
+    summarize,
+)
 
 
 def test_labelled_sets_are_balanced_and_built_from_the_shipped_files() -> None:
