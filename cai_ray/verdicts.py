@@ -23,11 +23,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+from cai_ray.judgecheck import RESOURCES
 from cai_ray.labelling import JudgeQuery, combine_orders, transcript
-
-RESOURCES = Path(__file__).resolve().parent / "resources"
 
 
 @dataclass(frozen=True)
