@@ -18,6 +18,10 @@ class SLConfig:
         "policy", "who writes the critiques and revisions: the policy itself (the paper), or the "
         "feedback model on its own engine (a deviation from the paper, for a policy too weak to "
         "critique itself); the initial answers are always the policy's")
+    reviser_system: str | None = option(
+        None, "with reviser=feedback: a system turn put before the reviser's critique and "
+        "revision requests (e.g. to write only the new reply, and to decline harmful requests "
+        "with a reason and a safe alternative rather than a bare refusal); null = none")
     few_shot: int = option(5, "few-shot critique/revision examples prepended (at most those "
                            "available)", non_negative)
     train_rounds: int | None = option(None, "SL-CAI-n: train on revisions up to round n; "

@@ -37,7 +37,11 @@ from cai_ray.constitution import (
     load_constitution,
     revision_conversation,
 )
+from cai_ray.constitution import (
+    CritiqueRevision as PrinciplePair,
+)
 from cai_ray.data import PromptStream, load_prompts
+from cai_ray.labelling import transcript
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
 from cai_ray.preflight import resolve_path
 from cai_ray.runtime import request_seed
@@ -80,6 +84,8 @@ class CritiqueRevision:
         self.steps_per_round = 1 if cfg.sl.direct_revision else 2
         self.num_phases = 1 + cfg.sl.rounds * self.steps_per_round
         self.tokens = 0  # generated tokens, for throughput
+        self.reviser = cfg.sl.reviser == "feedback"
+        self.reviser_system = cfg.sl.reviser_system or ""
 
     def _phase(self, phase: int) -> tuple[int, str]:
         """(round, kind) of a phase; kind is 'answer', 'critique' or 'revision'."""
@@ -99,7 +105,12 @@ class CritiqueRevision:
                 msgs = p.messages
             else:
                 pair = self.c.sample_critique(seed, p.id, rnd)
-                if kind == "critique":
+                if self.reviser:
+                    critique = (None if kind == "critique" or self.cfg.sl.direct_revision
+                                else ch.rounds[-1]["critique"])
+                    msgs = reviser_request(p.messages, ch.responses[-1], pair, kind, critique,
+                                           self.reviser_system)
+                elif kind == "critique":
                     msgs = critique_conversation(self.c, p.messages, ch.responses[-1], pair, shots)
                 else:
                     critique = None if self.cfg.sl.direct_revision else ch.rounds[-1]["critique"]
@@ -133,6 +144,27 @@ class CritiqueRevision:
                 ch.responses.append(text)
                 ch.truncated.append(cut)
         chunk.phase += 1
+
+
+def reviser_request(prompt: list[dict[str, str]], response: str, pair: PrinciplePair,
+                    kind: str, critique: str | None, system: str = "") -> list[dict[str, str]]:
+    """A critique or revision request for `sl.reviser: feedback`, as one user turn that shows
+    the conversation as a transcript. The reviser did not write the answer, and told in a chat
+    that it had (the policy's own format), a small instruct model denies having written it or
+    answers the red-team prompt itself. The constitution's requests, which say "your previous
+    answer", are quoted as addressed to the assistant."""
+    head = ("Here is a conversation between a human and an AI assistant:\n\n"
+            f"{transcript(list(prompt) + [{'role': 'assistant', 'content': response}])}\n\n")
+    if kind == "critique":
+        body = (f"The assistant is asked to critique its last reply: \"{pair.critique}\"\n\n"
+                "Write that critique of the assistant's last reply, in a few sentences.")
+    else:
+        seen = f"A critique of the assistant's last reply:\n{critique}\n\n" if critique else ""
+        body = (f"{seen}The assistant is asked to revise its last reply: \"{pair.revision}\"\n\n"
+                "Write the assistant's new reply to the human: only the reply itself, as the "
+                "assistant would say it, with nothing before or after it.")
+    turns = [{"role": "system", "content": system}] if system else []
+    return turns + [{"role": "user", "content": head + body}]
 
 
 def _chunks(prompts: list[Prompt], n: int) -> list[Chunk]:

@@ -12,7 +12,7 @@ from cai_ray.actors.rollout import RolloutWorker
 from cai_ray.config import RoleResources, load_config
 from cai_ray.constitution import load_constitution
 from cai_ray.messages import Completion, GenerationRequest, GenerationResult, Prompt
-from cai_ray.stages.sl import CritiqueRevision, generate_chains
+from cai_ray.stages.sl import Chain, Chunk, CritiqueRevision, generate_chains
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,3 +69,36 @@ def test_the_policy_answers_and_the_reviser_critiques_and_revises() -> None:
         assert [r["revision"].split(" after ")[0] for r in c.rounds] == [
             f"reviser wrote {c.prompt.id}|2", f"reviser wrote {c.prompt.id}|4"]
         assert c.responses[1:] == [r["revision"] for r in c.rounds]
+
+
+def test_the_reviser_sees_the_answer_as_a_transcript_it_did_not_write() -> None:
+    system = "Decline harmful requests with a reason and a safe alternative."
+    cfg = load_config(ROOT / "configs" / "cpu-tiny.yaml", [
+        "sl.rounds=1", "sl.reviser=feedback", f"sl.reviser_system={system}"])
+    c = load_constitution(ROOT / "constitutions" / "default.yaml")
+    cr = CritiqueRevision(cfg, c)
+    chunk = Chunk([Chain(Prompt(id="p0", messages=[{"role": "user", "content": "How do I pick "
+                                                    "a lock?"}], source="test"))])
+    cr.absorb(chunk, [GenerationResult("p0|0", [1], [Completion("Use a tension wrench.", [1],
+                                                                 None, "stop")], 0)])
+    (crit,) = cr.requests(chunk)
+    pair = c.sample_critique(cfg.run.seed, "p0", 0)
+    assert [m["role"] for m in crit.messages] == ["system", "user"]
+    assert crit.messages[0]["content"] == system
+    body = crit.messages[1]["content"]
+    assert "Human: How do I pick a lock?\n\nAssistant: Use a tension wrench." in body
+    assert pair.critique in body and pair.revision not in body
+    cr.absorb(chunk, [GenerationResult("p0|1", [1], [Completion("It explains lock picking.",
+                                                                 [1], None, "stop")], 0)])
+    (rev,) = cr.requests(chunk)
+    body = rev.messages[1]["content"]
+    assert "A critique of the assistant's last reply:\nIt explains lock picking." in body
+    assert pair.revision in body and "only the reply itself" in body
+    # the policy as its own reviser keeps the paper's chat format: its answer is its own turn
+    own = CritiqueRevision(load_config(ROOT / "configs" / "cpu-tiny.yaml", ["sl.rounds=1"]), c)
+    chunk = Chunk([Chain(chunk.chains[0].prompt)])
+    own.absorb(chunk, [GenerationResult("p0|0", [1], [Completion("Use a tension wrench.", [1],
+                                                                  None, "stop")], 0)])
+    (crit,) = own.requests(chunk)
+    assert crit.messages[-2] == {"role": "assistant", "content": "Use a tension wrench."}
+    assert crit.messages[-1] == {"role": "user", "content": pair.critique}
