@@ -4,7 +4,7 @@
         [--pm DIR] [--out runs/bench-ppo]
     (part b needs TRL: .venv/bin/pip install -e '.[bench]')
 
-(a) The same PPO run (SmolLM2 policy, PM, reference, DeepSpeed trainer, bf16) twice: synchronous
+(a) The same PPO run (SmolLM2 policy, PM, reference, DeepSpeed trainer) twice: synchronous
     (`ppo.max_staleness=0`) and streaming (`=1`), with the rollout role pinned to core 0 and the
     trainer, reward and reference roles to core 1 (`placement.*.cpu_affinity`): on a cluster
     each role owns its devices, and on two unpinned cores the phases would only compete. Median
@@ -19,13 +19,17 @@
 (c) Weight-sync time per step in the streaming run of (a) and its share of the step.
 
 Without `--pm` the PM is the policy's backbone with a fresh scalar head (timing does not depend
-on what the PM has learned). Every number is printed with what it is; nothing is asserted.
+on what the PM has learned). Both sides run in the dtype the config's `auto` picks on this CPU
+(bf16 where it is native, else fp32); the CPU is printed first. (b) ends with a table of the
+seconds per phase of a step on each side. Every number is printed with what it is; nothing is
+asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -41,6 +45,26 @@ from cai_ray.runtime import setup_logging  # noqa: E402
 CONFIG = ROOT / "configs" / "cpu-smollm.yaml"
 
 
+def hardware_dtype() -> str:
+    """The dtype the config's `auto` resolves to on this machine (bf16 where the CPU has it
+    natively, else fp32), for both sides of every comparison."""
+    from cai_ray.hardware import dtype_name
+
+    return dtype_name("auto", "cpu")
+
+
+def cpu_kind() -> str:
+    import torch
+
+    from cai_ray.hardware import cpu_flags
+
+    name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                 .splitlines() if ln.startswith("model name")), "unknown CPU")
+    bf16 = "avx512_bf16" in cpu_flags()
+    return (f"{name}, {os.cpu_count()} cores, torch {torch.backends.cpu.get_cpu_capability()}"
+            f"{' with avx512_bf16' if bf16 else ''}")
+
+
 def fresh_pm(model: str, out: Path) -> Path:
     import torch
 
@@ -51,7 +75,8 @@ def fresh_pm(model: str, out: Path) -> Path:
         return out
     spec = ModelSpec(path=model)
     torch.manual_seed(0)
-    save_reward_model(load_reward_model(spec, torch.bfloat16), load_tokenizer(spec), out)
+    save_reward_model(load_reward_model(spec, getattr(torch, hardware_dtype())),
+                      load_tokenizer(spec), out)
     return out
 
 
@@ -120,17 +145,43 @@ def part_b(args: argparse.Namespace, pm: Path) -> dict[str, Any]:
         cfg = load_config(CONFIG, ov + extra)
         rows = run_ours(cfg, Path(args.out) / f"b-ours-{mode}")
         out[f"ours_{mode}_eps"] = P * G / median_after_first([r["time/step"] for r in rows])
-        parts = {k: median_after_first([r[f"time/{k}"] for r in rows])
-                 for k in ("generate_wait", "score", "reference", "train")}
+        out[f"ours_{mode}_phases"] = our_phases(rows)
         print(f"(b) ours {mode:6s} (GRPO, vLLM + DeepSpeed): {out[f'ours_{mode}_eps']:.3f} "
-              f"episodes/s ({', '.join(f'{k} {v:.1f} s' for k, v in parts.items())})",
-              flush=True)
-    out["trl_eps"] = trl_grpo(cfg, pm, P, G, L, args.steps)
+              "episodes/s", flush=True)
+    out["trl_eps"], out["trl_phases"] = trl_grpo(cfg, pm, P, G, L, args.steps)
     print(f"(b) TRL GRPOTrainer (HF generate): {out['trl_eps']:.3f} episodes/s")
+    print_breakdown({"ours sync": out["ours_sync_phases"],
+                     "ours stream": out["ours_stream_phases"], "TRL": out["trl_phases"]})
     for mode in ("sync", "stream"):
         out[f"ratio_{mode}"] = out[f"ours_{mode}_eps"] / out["trl_eps"]
         print(f"(b) ours {mode} / TRL episodes/s = {out[f'ratio_{mode}']:.2f} (target >= 1.2)")
     return out
+
+
+# where a step's seconds go, in the order they happen; `other` is the rest of the step (the
+# driver's own work, logging, transfers not inside a phase)
+PHASES = ("generate_wait", "experience", "score", "reference", "advantages", "train", "sync")
+
+
+def our_phases(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds per phase over steps 2..N, and `other`: the median step minus the sum."""
+    out = {k: median_after_first([r.get(f"time/{k}", 0.0) for r in rows]) for k in PHASES}
+    out["step"] = median_after_first([r["time/step"] for r in rows])
+    out["other"] = out["step"] - sum(out[k] for k in PHASES)
+    return out
+
+
+def print_breakdown(sides: dict[str, dict[str, float]]) -> None:
+    """One row per phase, one column per run: seconds of a step (median of steps 2..N)."""
+    rows = [k for k in ("generate_wait", "experience", "score", "reference", "old_logprobs",
+                        "advantages", "train", "sync", "other", "step")
+            if any(k in v for v in sides.values())]
+    print("(b) seconds per step, by phase (median of steps 2..N; generate_wait = the part of "
+          "generation the step waited for):")
+    print(f"    {'phase':<14}" + "".join(f"{name:>13}" for name in sides))
+    for k in rows:
+        print(f"    {k:<14}" + "".join(
+            f"{v[k]:13.2f}" if k in v else f"{'-':>13}" for v in sides.values()))
 
 
 def trl_grpo(cfg: Config, pm: Path, P: int, G: int, L: int, steps: int) -> float:
@@ -146,7 +197,8 @@ def trl_grpo(cfg: Config, pm: Path, P: int, G: int, L: int, steps: int) -> float
 
     torch.set_num_threads(2)
     spec = ModelSpec(path=str(pm))
-    rm = load_reward_model(spec, torch.bfloat16).eval()
+    dtype = hardware_dtype()
+    rm = load_reward_model(spec, getattr(torch, dtype)).eval()
     rtok = load_tokenizer(spec)
 
     def reward(prompts: list, completions: list, **_: Any) -> list[float]:
@@ -163,14 +215,18 @@ def trl_grpo(cfg: Config, pm: Path, P: int, G: int, L: int, steps: int) -> float
     ds = ppo_prompts(cfg)
     data = datasets.Dataset.from_dict({"prompt": ds["messages"]})
     stamps: list[float] = []
+    steps_phases: list[dict[str, float]] = []  # per optimizer step: seconds per phase
+    now: dict[str, float] = {}
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_step_begin(self, *a: Any, **k: Any) -> None:
             if not stamps:
                 stamps.append(time.monotonic())
+            now.clear()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             stamps.append(time.monotonic())
+            steps_phases.append(dict(now))
 
     s = cfg.rollout.sampling
     args = GRPOConfig(
@@ -178,14 +234,55 @@ def trl_grpo(cfg: Config, pm: Path, P: int, G: int, L: int, steps: int) -> float
         num_generations=G, steps_per_generation=1, gradient_accumulation_steps=1,
         max_completion_length=L, beta=cfg.ppo.kl_coef, learning_rate=cfg.trainer.lr,
         temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-        bf16=True, use_cpu=True, max_steps=steps, logging_steps=1, save_strategy="no",
+        bf16=dtype == "bfloat16", use_cpu=True, max_steps=steps, logging_steps=1, save_strategy="no",
         report_to="none", seed=cfg.run.seed, dataloader_num_workers=0,
         lr_scheduler_type="constant")
     trainer = GRPOTrainer(model=resolve(cfg.model), reward_funcs=reward, args=args,
                           train_dataset=data, callbacks=[Clock()])
+    time_trl_phases(trainer, now)
     trainer.train()
     per_step = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return P * G / median_after_first(per_step)
+    phases = {k: median_after_first([p.get(k, 0.0) for p in steps_phases])
+              for k in ("generate_wait", "score", "reference", "old_logprobs", "prepare")}
+    phases["step"] = median_after_first(per_step)
+    phases["train"] = median_after_first([t - p.get("prepare", 0.0)
+                                          for t, p in zip(per_step, steps_phases[1:],
+                                                          strict=False)])
+    # TRL's generation is all waited for; its `other` is the rest of _prepare_inputs
+    # (tokenising, padding, advantages), since train is the step minus _prepare_inputs
+    phases["other"] = phases.pop("prepare") - sum(
+        phases[k] for k in ("generate_wait", "score", "reference", "old_logprobs"))
+    return P * G / phases["step"], phases
+
+
+def time_trl_phases(trainer: Any, now: dict[str, float]) -> None:
+    """Time TRL's phases by wrapping its methods on this instance: generation, the reward
+    function, the reference's and the old policy's log-prob forwards (no grad), and
+    `_prepare_inputs` (all of those plus the batch's assembly); the training forward and
+    backward are the step minus `_prepare_inputs`."""
+    import functools
+
+    import torch
+
+    def timed(name: str | None, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def inner(*a: Any, **k: Any) -> Any:
+            key = name
+            if key is None:  # the log-prob forward: which one
+                if torch.is_grad_enabled():
+                    return fn(*a, **k)  # the training forward: part of train
+                key = "reference" if a and a[0] is trainer.ref_model else "old_logprobs"
+            t0 = time.monotonic()
+            try:
+                return fn(*a, **k)
+            finally:
+                now[key] = now.get(key, 0.0) + time.monotonic() - t0
+        return inner
+
+    for attr, name in (("_generate", "generate_wait"), ("_calculate_rewards", "score"),
+                       ("_get_per_token_logps_and_entropies", None),
+                       ("_prepare_inputs", "prepare")):
+        setattr(trainer, attr, timed(name, getattr(trainer, attr)))
 
 
 def main() -> None:
@@ -200,6 +297,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-ppo"))
     args = ap.parse_args()
     setup_logging("WARNING")
+    print(f"CPU: {cpu_kind()}; dtype (config auto): {hardware_dtype()} on both sides",
+          flush=True)
     parts = set(args.parts.split(","))
     pm = Path(args.pm) if args.pm else fresh_pm(args.model, Path(args.out) / "pm")
     results: dict[str, Any] = {}
