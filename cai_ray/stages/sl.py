@@ -37,9 +37,7 @@ from cai_ray.constitution import (
     load_constitution,
     revision_conversation,
 )
-from cai_ray.constitution import (
-    CritiqueRevision as PrinciplePair,
-)
+from cai_ray.constitution import CritiqueRevision as PrinciplePair
 from cai_ray.data import PromptStream, load_prompts
 from cai_ray.labelling import transcript
 from cai_ray.messages import GenerationRequest, GenerationResult, Prompt
@@ -105,15 +103,15 @@ class CritiqueRevision:
                 msgs = p.messages
             else:
                 pair = self.c.sample_critique(seed, p.id, rnd)
+                # the revision's critique: this round's, unless there is none to show
+                critique = (None if kind == "critique" or self.cfg.sl.direct_revision
+                            else ch.rounds[-1]["critique"])
                 if self.reviser:
-                    critique = (None if kind == "critique" or self.cfg.sl.direct_revision
-                                else ch.rounds[-1]["critique"])
                     msgs = reviser_request(p.messages, ch.responses[-1], pair, kind, critique,
                                            self.reviser_system)
                 elif kind == "critique":
                     msgs = critique_conversation(self.c, p.messages, ch.responses[-1], pair, shots)
                 else:
-                    critique = None if self.cfg.sl.direct_revision else ch.rounds[-1]["critique"]
                     msgs = revision_conversation(self.c, p.messages, ch.responses[-1], pair,
                                                  critique, shots)
             out.append(GenerationRequest(request_id=f"{p.id}|{chunk.phase}", messages=msgs,
