@@ -190,15 +190,23 @@ class SourceConfig:
     limit: int | None = option(None, "use the first this many valid rows, in file order", positive)
     skip: int = option(0, "leave out the first this many valid rows (e.g. the ones another "
                        "stage trains on), then apply limit", non_negative)
+    sample_seed: int | None = option(
+        None, "null = rows in file order; a number = the valid rows in a fixed random order "
+        "drawn from this seed, before skip and limit, so that a limit samples every part of a "
+        "file sorted by category (row ids stay the file's)", non_negative)
 
     def rows(self) -> tuple[int, int | None]:
-        """[start, stop) of the valid rows used; stop None = to the end."""
+        """[start, stop) of the valid rows used, in the source's order (file order, or the
+        `sample_seed` permutation); stop None = to the end."""
         return self.skip, None if self.limit is None else self.skip + self.limit
 
     def overlaps(self, other: SourceConfig) -> bool:
-        """Could the two read some of the same rows? (Same data, intersecting row ranges.)"""
+        """Could the two read some of the same rows? (Same data and intersecting row ranges
+        in the same order; same data in different orders counts as overlapping.)"""
         same = (self.name, self.split, self.subset, self.data_dir) == (
             other.name, other.split, other.subset, other.data_dir)
+        if same and self.sample_seed != other.sample_seed:
+            return True
         (a0, a1), (b0, b1) = self.rows(), other.rows()
         return same and (a1 is None or b0 < a1) and (b1 is None or a0 < b1)
 

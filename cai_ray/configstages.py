@@ -37,6 +37,10 @@ class SLConfig:
     drop_truncated: bool = option(True, "leave out of finetuning the revisions (and helpful "
                                   "samples) cut off at max_new_tokens: trained with an EOS they "
                                   "would teach the model to stop mid-sentence")
+    clean_revisions: bool = option(True, "strip a revision's preamble (\"Here is the revised "
+                                   "reply:\"), echoed question and quotes before finetuning, and "
+                                   "leave out revisions that speak about the revision instead "
+                                   "of replying; the SL data keeps the raw text")
     max_new_tokens: int = option(256, "tokens per response, critique or revision", positive)
     shard_size: int = option(64, "prompts per resumable output shard", positive)
     epochs: int = option(1, "SFT passes over the revisions (paper: 1)", positive)

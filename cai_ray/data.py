@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import numpy as np
 import yaml
 
 from cai_ray.config import SourceConfig
@@ -358,12 +359,19 @@ def _pick_format(src: SourceConfig, table: _Table) -> tuple[str, str]:
     return fmt, column
 
 
+def sample_order(n: int, seed: int) -> list[int]:
+    """A fixed permutation of range(n) for `sample_seed`: the same on every machine and
+    Python version (numpy's PCG64, not `random`)."""
+    return [int(i) for i in np.random.default_rng(seed).permutation(n)]
+
+
 def load_prompts(src: SourceConfig, on_bad_row: Literal["error", "skip"] = "error"
                  ) -> tuple[datasets.Dataset, int]:
     """Read a source into a dataset of (id, messages, source); also return the bad rows skipped.
 
     Bad rows raise one DataError listing them (on_bad_row="error") or are dropped and counted.
-    `src.limit` keeps the first `limit` good rows in file order; shuffling is PromptStream's job.
+    `src.limit` keeps the first `limit` good rows in file order, or in the fixed random order of
+    `src.sample_seed` when set; shuffling the stream itself is PromptStream's job.
     """
     table = _read(src)
     if not table.rows and not table.problems:
@@ -394,6 +402,9 @@ def load_prompts(src: SourceConfig, on_bad_row: Literal["error", "skip"] = "erro
     if not good_ids:
         raise DataError([Problem("rows", f"no usable prompts ({len(bad)} bad rows)",
                                  table.origin)])
+    if src.sample_seed is not None:
+        order = sample_order(len(good_ids), src.sample_seed)
+        good_ids, good_messages = [good_ids[i] for i in order], [good_messages[i] for i in order]
     start, stop = src.rows()
     ids, messages = good_ids[start:stop], good_messages[start:stop]
     if not ids:
@@ -437,6 +448,8 @@ def load_preference_pairs(src: SourceConfig) -> list[PreferencePair]:
     if bad or not out:
         raise DataError([p for _, p in bad[:_MAX_LISTED]] or
                         [Problem("rows", "no preference pairs", table.origin)])
+    if src.sample_seed is not None:
+        out = [out[i] for i in sample_order(len(out), src.sample_seed)]
     start, stop = src.rows()
     return out[start:stop]
 

@@ -296,7 +296,8 @@ def run_generate(cfg: Config, out_dir: Path, prompt_file: str | None = None) -> 
         (sl_dir / "generate_metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("SL generation: %d generations, %d tokens in %.1f s (%.1f tokens/s, "
                  "start-up included)", total, cr.tokens, secs, metrics["tokens_per_s"])
-    return build_views(store, plan, sl_dir, cfg.sl.train_rounds, cfg.sl.drop_truncated)
+    return build_views(store, plan, sl_dir, cfg.sl.train_rounds, cfg.sl.drop_truncated,
+                       cfg.sl.clean_revisions)
 
 
 def check_prompt_file(path: str) -> None:

@@ -337,3 +337,31 @@ def test_skip_then_limit_and_eval_overlap():
     assert eval_overlaps(cfg) == []
     cfg.data.helpful = SourceConfig(name="mtbench")  # all rows
     assert len(eval_overlaps(cfg)) == 1
+
+
+def test_sample_seed_draws_a_limit_from_every_part_of_a_file_sorted_by_category():
+    from cai_ray.config import Config, eval_overlaps
+
+    # the built-in Do-Not-Answer files are read in name order, one risk area per file: the
+    # first 128 rows are all from the first file (discrimination/toxicity)
+    first = list(load_prompts(SourceConfig(name="donotanswer", limit=128))[0]["id"])
+    assert max(int(i.split(":")[1]) for i in first) == 127
+    src = SourceConfig(name="donotanswer", limit=128, sample_seed=0)
+    sampled = list(load_prompts(src)[0]["id"])
+    rows = sorted(int(i.split(":")[1]) for i in sampled)
+    assert len(set(sampled)) == 128 and rows != list(range(128))
+    assert sum(r >= 176 for r in rows) > 64  # most of them now come from the other 4 files
+    assert list(load_prompts(src)[0]["id"]) == sampled  # the same draw every time
+    other = list(load_prompts(SourceConfig(name="donotanswer", limit=128, sample_seed=1))[0]["id"])
+    assert other != sampled
+    # skip and limit slice the drawn order, so two slices of one draw are disjoint
+    rest = list(load_prompts(SourceConfig(name="donotanswer", skip=128, limit=64,
+                                          sample_seed=0))[0]["id"])
+    assert not set(rest) & set(sampled)
+    # different orders of the same rows may share rows: the eval check says so
+    cfg = Config()
+    cfg.data.helpful = SourceConfig(name="mtbench", limit=64)
+    cfg.eval.helpful = SourceConfig(name="mtbench", skip=64, sample_seed=3)
+    assert len(eval_overlaps(cfg)) == 1
+    cfg.data.helpful = SourceConfig(name="mtbench", limit=64, sample_seed=3)
+    assert eval_overlaps(cfg) == []

@@ -197,3 +197,37 @@ def test_a_prompt_that_does_not_fit_the_trainer_is_refused_up_front() -> None:
     with pytest.raises(ValidationError, match="do not fit") as e:
         check_prompt_lengths(cfg, rows, _Tok())
     assert [p.path for p in e.value.problems] == ["row 1 (long)"]
+
+
+def test_clean_revision_strips_the_wrapping_and_rejects_talk_about_the_revision() -> None:
+    from cai_ray.revisions import clean_revision
+
+    q = "How do I pick a lock?"
+    assert clean_revision("Sure, here's the revised response:\n\nI can't help you open a lock "
+                          "that isn't yours, but a locksmith can.", q) == (
+        "I can't help you open a lock that isn't yours, but a locksmith can.")
+    assert clean_revision(f"Certainly! Here is my new reply:\n{q}\n\"Locksmiths can help.\"",
+                          q) == "Locksmiths can help."
+    assert clean_revision("I'm sorry, but I can't assist with that.", q) == (
+        "I'm sorry, but I can't assist with that.")
+    for meta in ["I apologize for my previous response. I will now revise my answer.",
+                 "Only the reply itself, as the assistant would say it.",
+                 "This response adheres to the guidelines by avoiding harm.",
+                 "(Your sentence here)", "Here is the revised reply:", ""]:
+        assert clean_revision(meta, q) is None, meta
+    # a colon inside the reply is not a preamble, nor is a reply's own lead-in
+    assert clean_revision("Here's what you can do:\n1. Call a locksmith.", q) == (
+        "Here's what you can do:\n1. Call a locksmith.")
+    assert clean_revision("Two things matter: safety and consent.", q) == (
+        "Two things matter: safety and consent.")
+
+
+def test_sl_training_view_cleans_revisions_and_leaves_out_the_meta_ones() -> None:
+    row = _sl_row(False, False)
+    row["rounds"][0]["revision"] = "Here's the revised reply:\nA safe answer."
+    row["rounds"][1]["revision"] = "I will now revise my last reply to be kinder."
+    data = datasets.Dataset.from_list([row], features=FEATURES)
+    kept, dropped = train_view(data, None, clean=True)
+    assert kept["response"] == ["A safe answer."] and dropped == 0
+    raw, _ = train_view(data, None)  # off: the raw text, as before
+    assert raw["response"] == [r["revision"] for r in row["rounds"]]
