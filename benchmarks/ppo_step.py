@@ -14,8 +14,11 @@
     reward, prompts, batch (P prompts × G samples), generation length, sampling, β, learning rate
     and dtype, one optimizer step per batch, β·KL in the loss as TRL has it
     (`ppo.kl_penalty=loss`, so our trainer skips the old-log-prob forward). Ours twice:
-    synchronous (on-policy, like TRL) and streaming (`max_staleness=1`, rollout pinned to
-    core 0 and the other roles to core 1 as in (a)). Median episodes/s; ratios ours / TRL.
+    synchronous (on-policy, like TRL) and streaming (`max_staleness=1`) twice: with the
+    rollout pinned to core 0 and the other roles to core 1 as in (a), and with the rollout on
+    core 0 and the other roles on both cores (`stream_shared`). Median episodes/s; ratios
+    ours / TRL. Our sync is split into moving + loading the weights, the engine's module audit
+    and the log-prob probe.
 (c) Weight-sync time per step in the streaming run of (a) and its share of the step.
 
 Without `--pm` the PM is the policy's backbone with a fresh scalar head (timing does not depend
@@ -105,6 +108,12 @@ def base_overrides(args: argparse.Namespace, pm: Path) -> list[str]:
 PIN = ["placement.rollout.cpu_affinity=[0]", "placement.rollout.threads=1"] + [
     f"placement.{r}.{k}" for r in ("trainer", "reward", "reference")
     for k in ("cpu_affinity=[1]", "threads=1")]
+# Streaming on two cores with the learner's roles on both: the rollout engine keeps core 0 and
+# one thread, and the trainer, reward and reference roles run two threads over cores 0 and 1,
+# so core 0 is not idle while the engine waits for new weights (it is, pinned, most of a step).
+SHARE = ["placement.rollout.cpu_affinity=[0]", "placement.rollout.threads=1"] + [
+    f"placement.{r}.{k}" for r in ("trainer", "reward", "reference")
+    for k in ("cpu_affinity=[0,1]", "threads=2")]
 
 
 def part_a(args: argparse.Namespace, pm: Path) -> dict[str, Any]:
@@ -140,19 +149,20 @@ def part_b(args: argparse.Namespace, pm: Path) -> dict[str, Any]:
         f"rollout.sampling.max_new_tokens={L}"]
     out: dict[str, Any] = {}
     cfg = load_config(CONFIG, ov)
-    for mode, extra in (("sync", ["ppo.max_staleness=0"]),
-                        ("stream", ["ppo.max_staleness=1"] + PIN)):
+    modes = (("sync", ["ppo.max_staleness=0"]), ("stream", ["ppo.max_staleness=1"] + PIN),
+             ("stream_shared", ["ppo.max_staleness=1"] + SHARE))
+    for mode, extra in modes:
         cfg = load_config(CONFIG, ov + extra)
         rows = run_ours(cfg, Path(args.out) / f"b-ours-{mode}")
         out[f"ours_{mode}_eps"] = P * G / median_after_first([r["time/step"] for r in rows])
         out[f"ours_{mode}_phases"] = our_phases(rows)
-        print(f"(b) ours {mode:6s} (GRPO, vLLM + DeepSpeed): {out[f'ours_{mode}_eps']:.3f} "
-              "episodes/s", flush=True)
+        print(f"(b) ours {mode:13s} (GRPO, vLLM + DeepSpeed): "
+              f"{out[f'ours_{mode}_eps']:.3f} episodes/s", flush=True)
     out["trl_eps"], out["trl_phases"] = trl_grpo(cfg, pm, P, G, L, args.steps)
     print(f"(b) TRL GRPOTrainer (HF generate): {out['trl_eps']:.3f} episodes/s")
-    print_breakdown({"ours sync": out["ours_sync_phases"],
-                     "ours stream": out["ours_stream_phases"], "TRL": out["trl_phases"]})
-    for mode in ("sync", "stream"):
+    print_breakdown({**{f"ours {m}".replace("_", " "): out[f"ours_{m}_phases"]
+                        for m, _ in modes}, "TRL": out["trl_phases"]})
+    for mode, _ in modes:
         out[f"ratio_{mode}"] = out[f"ours_{mode}_eps"] / out["trl_eps"]
         print(f"(b) ours {mode} / TRL episodes/s = {out[f'ratio_{mode}']:.2f} (target >= 1.2)")
     return out
@@ -161,6 +171,7 @@ def part_b(args: argparse.Namespace, pm: Path) -> dict[str, Any]:
 # where a step's seconds go, in the order they happen; `other` is the rest of the step (the
 # driver's own work, logging, transfers not inside a phase)
 PHASES = ("generate_wait", "experience", "score", "reference", "advantages", "train", "sync")
+SYNC_PARTS = ("push_s", "audit_s", "probe_s")  # inside sync: move + load, module audit, probe
 
 
 def our_phases(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -168,20 +179,24 @@ def our_phases(rows: list[dict[str, Any]]) -> dict[str, float]:
     out = {k: median_after_first([r.get(f"time/{k}", 0.0) for r in rows]) for k in PHASES}
     out["step"] = median_after_first([r["time/step"] for r in rows])
     out["other"] = out["step"] - sum(out[k] for k in PHASES)
+    for k in SYNC_PARTS:
+        if any(f"sync/{k}" in r for r in rows):
+            out[f"  sync {k[:-2]}"] = median_after_first([r.get(f"sync/{k}", 0.0) for r in rows])
     return out
 
 
 def print_breakdown(sides: dict[str, dict[str, float]]) -> None:
     """One row per phase, one column per run: seconds of a step (median of steps 2..N)."""
     rows = [k for k in ("generate_wait", "experience", "score", "reference", "old_logprobs",
-                        "advantages", "train", "sync", "other", "step")
+                        "advantages", "train", "sync", *(f"  sync {k[:-2]}" for k in SYNC_PARTS),
+                        "other", "step")
             if any(k in v for v in sides.values())]
     print("(b) seconds per step, by phase (median of steps 2..N; generate_wait = the part of "
           "generation the step waited for):")
-    print(f"    {'phase':<14}" + "".join(f"{name:>13}" for name in sides))
+    print(f"    {'phase':<14}" + "".join(f"{name:>20}" for name in sides))
     for k in rows:
         print(f"    {k:<14}" + "".join(
-            f"{v[k]:13.2f}" if k in v else f"{'-':>13}" for v in sides.values()))
+            f"{v[k]:20.2f}" if k in v else f"{'-':>20}" for v in sides.values()))
 
 
 def trl_grpo(cfg: Config, pm: Path, P: int, G: int, L: int, steps: int) -> float:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import os
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
@@ -102,6 +105,8 @@ class _EngineNoiseFilter(logging.Filter):
     into a bf16/fp16 engine (a deliberate cast under `dtype: auto` on a bf16 CPU; hundreds of
     lines per start, counted and said once instead), and the `_DELIBERATE` warnings."""
 
+    casts = 0  # dropped cast warnings in this process, over every instance (see engine_logging)
+
     def __init__(self, deliberate: bool) -> None:
         super().__init__()
         self.dropped = 0
@@ -111,6 +116,7 @@ class _EngineNoiseFilter(logging.Filter):
         msg = str(record.msg)
         if msg.startswith("Attempted to load weight %s with dtype %s into"):
             self.dropped += 1
+            _EngineNoiseFilter.casts += 1
             return False
         if msg == "%s: Failed to load weights" and record.args and \
                 str(record.args[0]).endswith("RotaryEmbedding"):
@@ -129,6 +135,44 @@ def _quiet_engine() -> _EngineNoiseFilter:
     return f
 
 
+def engine_logging(level: str) -> dict[str, Any]:
+    """vLLM's logging as a `dictConfig`, with `_EngineNoiseFilter` on its handler.
+
+    vLLM applies its logging config again when an engine starts (`LLM()`), which replaces the
+    handlers `_quiet_engine` filtered: its start-up warnings would reach the console. Given as
+    VLLM_LOGGING_CONFIG_PATH, this config is the one vLLM applies each time."""
+    level = level.upper()
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "filters": {"cai_ray_engine_noise": {
+            "()": f"{__name__}._EngineNoiseFilter",
+            "deliberate": level not in ("INFO", "DEBUG")}},
+        "formatters": {"cai_ray_engine": {
+            "format": "vLLM %(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s",
+            "datefmt": "%H:%M:%S"}},
+        "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "cai_ray_engine",
+                              "level": level, "stream": "ext://sys.stdout",
+                              "filters": ["cai_ray_engine_noise"]}},
+        "loggers": {"vllm": {"handlers": ["vllm"], "level": level, "propagate": False}},
+    }
+
+
+def use_engine_logging() -> None:
+    """Point vLLM at `engine_logging` in this process, unless the user gave their own
+    VLLM_LOGGING_CONFIG_PATH (or turned vLLM's logging config off). Written on the node that
+    runs the engine, so the path exists wherever vLLM reads it."""
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") or \
+            os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
+        return
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper()
+    path = Path(tempfile.gettempdir()) / f"cai-ray-vllm-logging-{os.getuid()}-{level}.json"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(engine_logging(level), f)
+    os.replace(tmp, path)  # one file per user and level, replaced whole: never read half-written
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
+
+
 class RolloutWorker(Worker):
     """Hosts a vLLM `LLM`; `generate` maps typed requests to typed results."""
 
@@ -138,20 +182,23 @@ class RolloutWorker(Worker):
         self.device = ("cuda" if cuda_available() else "cpu") if device == "auto" else device
         for k, v in vllm_env(engine, self.device, ctx.threads).items():
             os.environ.setdefault(k, v)
+        use_engine_logging()
         # vLLM's kernel dispatcher reads every attribute of torch.distributed, which warns
         # for each renamed one (a FutureWarning per engine start and weight load)
         warnings.filterwarnings("ignore", category=FutureWarning,
                                 message=r"`torch\.distributed\.\w+` is deprecated")
         from vllm import LLM
 
+        casts_before = _EngineNoiseFilter.casts
         casts = _quiet_engine()
         t0 = time.monotonic()
         # A distinct seed per rank: identical engines would otherwise sample identical text.
         self.llm = LLM(**engine_kwargs(model, engine, self.device, seed + ctx.rank,
                                        **self.extra_engine_args()))
-        if casts.dropped:
+        cast = max(casts.dropped, _EngineNoiseFilter.casts - casts_before)
+        if cast:
             log.info("%s[%d]: %d checkpoint tensors cast to the engine's %s on load", ctx.role,
-                     ctx.rank, casts.dropped, engine.dtype)
+                     ctx.rank, cast, engine.dtype)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
         warm_s = self._warm_up()

@@ -47,3 +47,48 @@ def test_rotary_reload_warning_dropped_other_layers_kept() -> None:
     assert f.filter(_record("%s: Failed to load weights", "QKVParallelLinear"))
     assert _EngineNoiseFilter(deliberate=False).filter(
         _record("%s: Failed to load weights", "RotaryEmbedding"))  # asked for engine logs
+
+
+def test_the_filter_survives_vllm_applying_its_logging_config(monkeypatch, tmp_path) -> None:
+    """vLLM applies its logging config again when an engine starts, replacing the handlers
+    `_quiet_engine` filtered. Through VLLM_LOGGING_CONFIG_PATH, vLLM's own configure step
+    installs the filter each time. Control: vLLM's default config lets the warning through."""
+    import io
+    import sys
+
+    from vllm import logger as vllm_logger
+
+    monkeypatch.setattr(rollout.tempfile, "gettempdir", lambda: str(tmp_path))
+    for k in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
+    deliberate = "Enforce eager set, disabling torch.compile, CUDAGraphs"
+    real = "KV cache is full; preempting request r1"
+
+    def emitted() -> str:
+        out = io.StringIO()
+        monkeypatch.setattr(sys, "stdout", out)  # the handler's stream is ext://sys.stdout
+        vllm_logger._configure_vllm_root_logger()  # what vLLM runs at import and engine start
+        before = rollout._EngineNoiseFilter.casts
+        lg = logging.getLogger("vllm.config.vllm")
+        lg.warning(deliberate)
+        lg.warning(real)
+        lg.warning("Attempted to load weight %s with dtype %s into", "w", "a")
+        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+        return out.getvalue(), rollout._EngineNoiseFilter.casts - before
+
+    monkeypatch.setenv("VLLM_LOGGING_STREAM", "ext://sys.stdout")
+    try:
+        text, _ = emitted()  # control: vLLM's default config
+        assert deliberate in text and real in text
+        rollout.use_engine_logging()
+        assert str(tmp_path) in rollout.os.environ["VLLM_LOGGING_CONFIG_PATH"]
+        text, casts = emitted()
+        assert deliberate not in text and real in text and "Attempted" not in text
+        assert casts == 1
+        monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", "/user/own.json")
+        rollout.use_engine_logging()  # a user's own config is left alone
+        assert rollout.os.environ["VLLM_LOGGING_CONFIG_PATH"] == "/user/own.json"
+    finally:
+        monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
+        vllm_logger._configure_vllm_root_logger()
