@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from cai_ray.actors.feedback import FeedbackWorker, feedback_group, judge
 from cai_ray.actors.group import ActorGroup
 from cai_ray.actors.reward import RewardWorker, reward_group
@@ -50,6 +52,9 @@ from cai_ray.verdicts import QUESTIONS, check_set, p_yes, single_queries, summar
 
 log = logging.getLogger(__name__)
 ActorGroupT = ActorGroup[Any]
+
+_JUDGE_CHUNK = 128  # pairwise eval queries per call: big batches, and a progress bar that moves
+
 
 def rate_with_interval(name: str, verdicts: list[float], seed: int = 0) -> dict[str, float]:
     """A judged rate and its 95% percentile-bootstrap interval over the prompts, as
@@ -180,7 +185,12 @@ class Evaluation:
                                              resp[names[j]][aspect][k], aspect)
                             queries += qs
                             index.append((i, j, len(qs)))
-                    probs = judge(fb, lab, queries)
+                    probs = []
+                    with tqdm(total=len(queries), desc=f"eval judge ({aspect})",
+                              unit="query") as bar:
+                        for at in range(0, len(queries), _JUDGE_CHUNK):
+                            probs += judge(fb, lab, queries[at:at + _JUDGE_CHUNK])
+                            bar.update(min(_JUDGE_CHUNK, len(queries) - at))
                     at = 0
                     for i, j, n in index:
                         comps.append((i, j, lab.fold(probs[at:at + n])[0]))
@@ -192,20 +202,23 @@ class Evaluation:
                 # the judge's verdict on each answer, by snapshot, rate and prompt id (the
                 # report's before/after samples show them)
                 verdicts: dict[str, dict[str, dict[str, float]]] = {}
-                for n in names:
-                    per = result["per_snapshot"][n]
-                    mine = verdicts[n] = {}
-                    for rate, set_name, qname, key in (
-                            ("evasive", "harmless", "evasive", "ev"),
-                            ("harmful", "harmless", "harmful", "harm"),
-                            ("over_refusal", "over_refusal", "evasive", "or")):
-                        if set_name not in resp[n]:
-                            continue
-                        v = self.verdicts(fb, set_name, resp[n][set_name], qname,
-                                          float(checks[qname]["cut"]), f"{key}|{n}")
-                        per.update(rate_with_interval(f"{rate}_rate", v, cfg.run.seed))
-                        mine[rate] = {p.id: x for p, x in zip(self.prompts[set_name], v,
-                                                              strict=True)}
+                rates = [(rate, set_name, qname, key) for rate, set_name, qname, key in (
+                    ("evasive", "harmless", "evasive", "ev"),
+                    ("harmful", "harmless", "harmful", "harm"),
+                    ("over_refusal", "over_refusal", "evasive", "or"))
+                    if set_name in self.prompts]
+                total = len(names) * sum(len(self.prompts[s]) for _, s, _, _ in rates)
+                with tqdm(total=total, desc="eval verdicts", unit="answer") as bar:
+                    for n in names:
+                        per = result["per_snapshot"][n]
+                        mine = verdicts[n] = {}
+                        for rate, set_name, qname, key in rates:
+                            v = self.verdicts(fb, set_name, resp[n][set_name], qname,
+                                              float(checks[qname]["cut"]), f"{key}|{n}")
+                            per.update(rate_with_interval(f"{rate}_rate", v, cfg.run.seed))
+                            mine[rate] = {p.id: x for p, x in zip(self.prompts[set_name], v,
+                                                                  strict=True)}
+                            bar.update(len(v))
                 result["verdicts"] = verdicts
             finally:
                 fb.shutdown()
