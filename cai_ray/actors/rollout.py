@@ -97,6 +97,11 @@ _DELIBERATE = (
     "Inductor compilation was disabled by user settings",
     "Model Runner V2 requires Triton",
     "The global random seed is set to",
+    # the CPU build as installed: no triton-cpu, no tcmalloc/iomp preload (measured without
+    # them), and the SSM cache note that every non-Mamba model gets
+    "Triton is not installed. triton-cpu is expected",
+    "%s is not found in LD_PRELOAD",  # libtcmalloc, libiomp
+    "Reset SSM cache type to float32",
 )
 
 

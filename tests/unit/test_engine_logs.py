@@ -22,6 +22,8 @@ def test_deliberate_warnings_dropped_others_kept() -> None:
     assert not f.filter(_record("OMP_NUM_THREADS=%s is set; leaving Torch threads at %d for "
                                 "serving.", "2", 2))
     assert not f.filter(_record("Attempted to load weight %s with dtype %s into %s", "w", "a", "b"))
+    assert not f.filter(_record("%s is not found in LD_PRELOAD. For best performance, ...",
+                                "libtcmalloc"))
     assert f.dropped == 1  # only casts are counted
     assert f.filter(_record("KV cache is full; preempting request %s", "r1"))
     assert f.filter(_record("Something else went wrong"))
