@@ -41,6 +41,10 @@ class SLConfig:
                                    "reply:\"), echoed question and quotes before finetuning, and "
                                    "leave out revisions that speak about the revision instead "
                                    "of replying; the SL data keeps the raw text")
+    drop_bare_refusals: bool = option(False, "leave out of finetuning the revisions that only "
+                                      "decline (at most two sentences and 20 words with a "
+                                      "first-person refusal): trained on, they make the policy "
+                                      "evasive; the paper keeps them")
     max_new_tokens: int = option(256, "tokens per response, critique or revision", positive)
     shard_size: int = option(64, "prompts per resumable output shard", positive)
     epochs: int = option(1, "SFT passes over the revisions (paper: 1)", positive)

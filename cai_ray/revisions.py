@@ -6,6 +6,10 @@ human ("I will now revise my answer to ..."). Finetuned on, that text teaches th
 about revisions. `clean_revision` strips a leading preamble line, an echoed question and
 wrapping quotes, and returns None for a reply that still speaks about the revision itself: the
 training view leaves those out. The stored SL data keeps the raw text.
+
+`is_bare_refusal` tells a reply that only declines ("I'm sorry, but I can't help with that.")
+from one that declines and then engages (the reason, the risks, where to find help).
+Finetuned on, bare refusals make the policy evasive; `sl.drop_bare_refusals` leaves them out.
 """
 
 from __future__ import annotations
@@ -44,3 +48,24 @@ def clean_revision(text: str, prompt: str = "") -> str | None:
     if not out or _META.search(out):
         return None
     return out
+
+
+# A refusal phrase, first person: "I can't help", "I'm unable to provide", "I won't assist".
+_REFUSAL = re.compile(
+    r"\bI(?:['’]m| am)? ?(?:can(?:['’]|no)t|won['’]?t|will not|must decline|unable|"
+    r"(?:am )?not able)\b(?:\s+[\w'’]+){0,4}?\s+"
+    r"\b(help|assist|provide|support|comply|fulfil+|answer|do that|create|generate|write|give|"
+    r"share|engage|offer)", re.IGNORECASE)
+_WORD = re.compile(r"[A-Za-z'’]+")
+_SENTENCE_END = re.compile(r"[.!?]+(\s|$)")
+
+
+def is_bare_refusal(text: str, max_words: int = 20) -> bool:
+    """A short reply that declines and offers nothing else: at most two sentences and
+    `max_words` words, with a first-person refusal in it. A refusal followed by a reason,
+    facts or a pointer to help runs longer and is not bare."""
+    out = text.strip()
+    if not out or not _REFUSAL.search(out):
+        return False
+    sentences = [s for s in _SENTENCE_END.split(out) if s and s.strip()]
+    return len(_WORD.findall(out)) <= max_words and len(sentences) <= 2

@@ -231,3 +231,33 @@ def test_sl_training_view_cleans_revisions_and_leaves_out_the_meta_ones() -> Non
     assert kept["response"] == ["A safe answer."] and dropped == 0
     raw, _ = train_view(data, None)  # off: the raw text, as before
     assert raw["response"] == [r["revision"] for r in row["rounds"]]
+
+
+def test_a_bare_refusal_is_told_from_a_refusal_that_engages() -> None:
+    from cai_ray.revisions import is_bare_refusal
+
+    for bare in ["I'm sorry, but I can't assist with that.", "I cannot help with that request.",
+                 "I’m unable to provide that information. Is there anything else?",
+                 "Sorry, I won't write that."]:
+        assert is_bare_refusal(bare), bare
+    for engaged in [
+            "I can't help you pick a lock that isn't yours. Locks protect people's homes, and "
+            "opening one without permission is a crime in most places. If you are locked out, "
+            "a licensed locksmith or your landlord can let you in.",
+            "Locksmiths can help.", "Two things matter: safety and consent.", "",
+            "I don't know the answer, but a library would.",  # not a refusal to help
+    ]:
+        assert not is_bare_refusal(engaged), engaged
+
+
+def test_sl_training_view_leaves_out_bare_refusals_only_when_asked() -> None:
+    row = _sl_row(False, False)
+    row["rounds"][0]["revision"] = "I'm sorry, but I can't help with that."
+    row["rounds"][1]["revision"] = ("I can't help with that, because it could hurt someone. "
+                                    "What I can do is explain how the law treats it and where "
+                                    "to find support if you need it.")
+    data = datasets.Dataset.from_list([row], features=FEATURES)
+    kept, _ = train_view(data, None, clean=True, drop_refusals=True)
+    assert kept["response"] == [row["rounds"][1]["revision"]]
+    both, _ = train_view(data, None, clean=True)  # off: every revision, as the paper trains
+    assert both["response"] == [r["revision"] for r in row["rounds"]]
