@@ -164,12 +164,18 @@ class WeightPusher:
     def probe_diff(self) -> tuple[float, float]:
         """(max, mean) |engine − trainer| log-prob over the probe tokens, worst engine."""
         assert self.probe
-        ours = self.trainer.call_all(PPOTrainerWorker.probe_logprobs, self.probe)[0]
+        # the trainer's forward runs while the engines compute theirs
+        mine = [self.trainer.submit(r, PPOTrainerWorker.probe_logprobs, self.probe)
+                for r in range(self.trainer.num_actors)]
         worst, mean = 0.0, 0.0
+        theirs_all = []
         for r in range(self.rollout.num_actors):
             theirs = self.rollout.with_restarts(
                 lambda r=r: self.rollout.call(  # type: ignore[misc]
                     r, RolloutWorker.prompt_logprobs, self.probe), self.cfg.run.max_restarts)
+            theirs_all.append(theirs)
+        ours = self.trainer.get(mine)[0]
+        for theirs in theirs_all:
             diffs = [abs(x - y) for a, b in zip(ours, theirs, strict=True)
                      for x, y in zip(a, b, strict=True)]
             worst, mean = max(worst, max(diffs)), max(mean, sum(diffs) / len(diffs))

@@ -253,11 +253,17 @@ class PPOTrainerWorker(TrainerWorker):
         the float64 checksum of every tensor as the trainer holds it now (empty on other
         ranks)."""
         sums: dict[str, tuple[float, float]] = {}
+        # Ray's put copies a CPU tensor into the store as it is called, and ZeRO-2 keeps the
+        # live tensors until the next step: no copy of our own then. A ZeRO-3 tensor is only
+        # valid inside its gather, and in local mode the bucket is the tensors themselves.
+        import ray
+
+        own_copy = self.cfg.zero_stage == 3 or not ray.is_initialized()
 
         def host_copies() -> Iterator[Named]:
             for name, t in self._gathered():
                 sums[name] = checksum(t)
-                yield name, t.to("cpu", copy=True)
+                yield name, t.to("cpu", copy=own_copy or t.device.type != "cpu")
 
         refs = [ref for b in iter_buckets(host_copies(), int(bucket_mb * 2**20))
                 for ref in publish_buckets([b])]
