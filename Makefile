@@ -61,8 +61,14 @@ run: setup models $(NEEDS_JUDGE)
 	$(CAI) validate --config $(CONFIG) > /dev/null
 	$(CAI) pipeline --config $(CONFIG) --output $(OUTPUT)
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each test file on one of them: most
+# of a test's time is single-core (imports, actor start-up, one engine waiting for another), so
+# two workers share 2 cores well. TEST_WORKERS=0 runs it in this process. The tiny model is
+# built first so the workers do not each build it.
+TEST_WORKERS ?= 2
 test: setup
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
+	$(CAI) models prepare tiny-llama >/dev/null
+	$(VENV)/bin/pytest -q -p xdist -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 lint: setup
 	$(VENV)/bin/ruff check cai_ray tests benchmarks

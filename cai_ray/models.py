@@ -272,8 +272,18 @@ def prepare(name: str, force: bool = False) -> Path:
         BUILTIN_MODELS[name][1](tmp)
         (tmp / _DONE).write_text("ok\n")
         if final.exists():
+            if is_prepared(name) and not force:
+                # another process built it meanwhile (parallel test workers, two runs): keep
+                # theirs, which may be in use, and drop ours
+                log.info("%s was prepared by another process meanwhile; keeping it", name)
+                return final
             shutil.rmtree(final)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not is_prepared(name):  # not another process's finished build in the way
+                raise
+            log.info("%s was prepared by another process meanwhile; keeping it", name)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,10 @@ def ray_local() -> Iterator[None]:
     import ray
 
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    ray.init(num_cpus=6, include_dashboard=False, runtime_env={"env_vars": env},
+    # address="local": always a new Ray of this test process's own, never one found on the
+    # machine (another test worker's, or a `ray start` head)
+    ray.init(address="local", num_cpus=6, include_dashboard=False,
+             runtime_env={"env_vars": env},
              logging_level="WARNING")
     yield
     ray.shutdown()
