@@ -70,6 +70,10 @@ def engine_kwargs(model: ModelSpec, engine: EngineConfig, device: str, seed: int
         "seed": seed,
         "enforce_eager": engine.enforce_eager if engine.enforce_eager is not None
         else device == "cpu",
+        # the checkpoint-loading progress bar is engine chatter too: shown when vLLM's own
+        # INFO/DEBUG logs are asked for (VLLM_LOGGING_LEVEL), like the warnings it filters
+        "use_tqdm_on_load": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper()
+        in ("INFO", "DEBUG"),
     }
     if engine.block_size is not None:
         kw["block_size"] = engine.block_size

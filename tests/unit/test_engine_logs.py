@@ -94,3 +94,19 @@ def test_the_filter_survives_vllm_applying_its_logging_config(monkeypatch, tmp_p
     finally:
         monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
         vllm_logger._configure_vllm_root_logger()
+
+
+@pytest.mark.parametrize("level,bar", [(None, False), ("WARNING", False), ("INFO", True)])
+def test_the_weight_loading_bar_shows_only_when_engine_logs_are_asked_for(
+        monkeypatch, tiny_model_dir, level: str | None, bar: bool) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from cai_ray.config import EngineConfig, ModelSpec
+
+    if level is None:
+        monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_LOGGING_LEVEL", level)
+    kw = rollout.engine_kwargs(ModelSpec(path=str(tiny_model_dir)), EngineConfig(), "cpu", 0)
+    assert kw["use_tqdm_on_load"] is bar
+    assert EngineArgs(**kw).use_tqdm_on_load is bar  # a field vLLM's engine takes
