@@ -145,7 +145,8 @@ def part_b(args: argparse.Namespace, pm: Path) -> dict[str, Any]:
     P, G, L = args.grpo_prompts, args.grpo_group, args.grpo_tokens
     ov = base_overrides(args, pm) + [
         "ppo.advantage=grpo", f"ppo.samples_per_prompt={G}", f"ppo.rollout_batch_size={P}",
-        f"ppo.mini_batch_size={P * G}", "ppo.kl_penalty=loss", "trainer.micro_batch_size=8",
+        f"ppo.mini_batch_size={P * G}", "ppo.kl_penalty=loss",
+        f"trainer.micro_batch_size={P * G}",  # one forward of the batch, as TRL's is
         f"rollout.sampling.max_new_tokens={L}"]
     out: dict[str, Any] = {}
     cfg = load_config(CONFIG, ov)

@@ -186,7 +186,8 @@ class PPOTrainerWorker(TrainerWorker):
                     idx = rows[m:m + mb]
                     ids, attn, mask = self._pack([seqs[i] for i in idx])
                     logp, ent = token_logprobs(self.policy, ids, attn, mask,
-                                               entropy=True, temperature=self.temperature)
+                                               entropy=True, temperature=self.temperature,
+                                               entropy_grad=bool(p.entropy_coef))
                     ones = torch.ones_like(logp, dtype=torch.bool)
                     adv = take(advantages, idx)
                     old = logp.detach() if old_logprobs is None else take(old_logprobs, idx)

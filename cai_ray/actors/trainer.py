@@ -91,13 +91,15 @@ def pack_sequences(seqs: list[Sequence], pad: int, limit: int) -> tuple[Any, Any
 
 
 def token_logprobs(model: Any, ids: Any, attn: Any, mask: Any, entropy: bool = False,
-                   temperature: float = 1.0) -> tuple[Any, Any]:
+                   temperature: float = 1.0, entropy_grad: bool = True) -> tuple[Any, Any]:
     """log p of every masked token given its prefix, flat [N] in row-major order, and (when
     asked) the entropy of each of those next-token distributions [N]. Only the selected
     positions go through the LM head, called as a module so ZeRO-3 gathers it.
 
     `temperature`: the distribution is softmax(logits / T), the one a sampler at T drew the
-    tokens from (PPO's policy is the sampling policy, as in TRL and OpenRLHF); 1 = raw."""
+    tokens from (PPO's policy is the sampling policy, as in TRL and OpenRLHF); 1 = raw.
+    `entropy_grad` False: the entropy is a statistic only, computed outside autograd (no
+    [tokens × vocab] softmax kept for a backward that never comes)."""
     import torch
 
     if temperature <= 0:
@@ -111,8 +113,9 @@ def token_logprobs(model: Any, ids: Any, attn: Any, mask: Any, entropy: bool = F
     logp = selected_token_logprobs(logits, ids[:, 1:][sel])
     ent = None
     if entropy:  # with gradient, for an entropy bonus; detach it for statistics
-        z = logits.float()
-        ent = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            z = logits.float()
+            ent = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
     return logp, ent
 
 

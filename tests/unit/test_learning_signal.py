@@ -55,6 +55,18 @@ def test_token_logprobs_are_those_of_the_sampling_distribution(temperature: floa
         assert (raw - got).abs().max() > 1e-3
 
 
+def test_the_entropy_statistic_stays_out_of_autograd_unless_it_is_in_the_loss() -> None:
+    model = _llama(tied=True)
+    ids, attn, mask = pack_sequences([([1, 5, 9], [3, 4, 60, 2])], 0, 32)
+    logp, stat = token_logprobs(model, ids, attn, mask, entropy=True, temperature=0.7,
+                                entropy_grad=False)
+    _, bonus = token_logprobs(model, ids, attn, mask, entropy=True, temperature=0.7)
+    assert logp.requires_grad and not stat.requires_grad  # the loss still has its gradient
+    assert bonus.requires_grad  # the control: an entropy bonus needs it
+    assert stat.tolist() == pytest.approx(bonus.detach().tolist(), abs=1e-6)
+    assert float(stat.min()) > 0
+
+
 def test_token_logprobs_refuse_a_non_positive_temperature() -> None:
     model = _llama(tied=False)
     ids, attn, mask = pack_sequences([([1], [2])], 0, 8)
