@@ -45,6 +45,10 @@ class SLConfig:
                                       "decline (at most two sentences and 20 words with a "
                                       "first-person refusal): trained on, they make the policy "
                                       "evasive; the paper keeps them")
+    drop_unrevised: bool = option(False, "leave out of finetuning the revisions that repeat the "
+                                  "initial answer (difflib similarity >= 0.8): on a red-team "
+                                  "prompt, the harmful answer taught as revised; the paper "
+                                  "keeps them")
     max_new_tokens: int = option(256, "tokens per response, critique or revision", positive)
     shard_size: int = option(64, "prompts per resumable output shard", positive)
     epochs: int = option(1, "SFT passes over the revisions (paper: 1)", positive)

@@ -10,10 +10,15 @@ training view leaves those out. The stored SL data keeps the raw text.
 `is_bare_refusal` tells a reply that only declines ("I'm sorry, but I can't help with that.")
 from one that declines and then engages (the reason, the risks, where to find help).
 Finetuned on, bare refusals make the policy evasive; `sl.drop_bare_refusals` leaves them out.
+
+`is_unrevised` tells a revision that repeats the initial answer (a reviser that copied it):
+on a red-team prompt that is the harmful answer again, taught as if revised.
+`sl.drop_unrevised` leaves those out.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 
 # A first line that announces the reply instead of being it: short, ends with a colon, and
@@ -69,3 +74,12 @@ def is_bare_refusal(text: str, max_words: int = 20) -> bool:
         return False
     sentences = [s for s in _SENTENCE_END.split(out) if s and s.strip()]
     return len(_WORD.findall(out)) <= max_words and len(sentences) <= 2
+
+
+def is_unrevised(revision: str, initial: str, threshold: float = 0.8) -> bool:
+    """The revision is (nearly) the initial answer: their difflib similarity ratio, over
+    whole texts, is at least `threshold` (1 = identical)."""
+    a, b = revision.strip(), initial.strip()
+    if not a or not b:
+        return False
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= threshold

@@ -17,7 +17,7 @@ import datasets
 
 from cai_ray.configschema import Problem, ValidationError
 from cai_ray.messages import Prompt
-from cai_ray.revisions import clean_revision, is_bare_refusal
+from cai_ray.revisions import clean_revision, is_bare_refusal, is_unrevised
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,16 @@ class ShardStore:
 
 
 def train_view(data: datasets.Dataset, train_rounds: int | None, drop_truncated: bool = True,
-               clean: bool = False, drop_refusals: bool = False
-               ) -> tuple[datasets.Dataset, int]:
+               clean: bool = False, drop_refusals: bool = False,
+               drop_unrevised: bool = False) -> tuple[datasets.Dataset, int]:
     """Revisions from every round up to `train_rounds` (SL-CAI-n) plus helpfulness samples,
     and how many truncated ones were left out. A response cut off at max_new_tokens is left
     out (`drop_truncated`) or kept without an EOS: never taught as if it had ended there.
     With `clean`, each revision goes through `clean_revision`; the ones with no reply left in
     them are left out (and logged). With `drop_refusals`, revisions that only decline
-    (`is_bare_refusal`) are left out too (and logged)."""
-    rows, dropped, meta, refusals = [], 0, 0, 0
+    (`is_bare_refusal`) are left out too, and with `drop_unrevised` revisions that repeat the
+    initial answer (`is_unrevised`); both are logged."""
+    rows, dropped, meta, refusals, unrevised = [], 0, 0, 0, 0
 
     def add(row_id: str, messages: Any, response: str, truncated: bool, source: str) -> None:
         nonlocal dropped
@@ -135,6 +136,9 @@ def train_view(data: datasets.Dataset, train_rounds: int | None, drop_truncated:
             if drop_refusals and is_bare_refusal(text):
                 refusals += 1
                 continue
+            if drop_unrevised and is_unrevised(text, row["initial_response"]):
+                unrevised += 1
+                continue
             add(f"{row['id']}@{r}", row["messages"], text, bool(rnd["truncated"]),
                 f"revision@{r}")
     if meta:
@@ -143,6 +147,9 @@ def train_view(data: datasets.Dataset, train_rounds: int | None, drop_truncated:
     if refusals:
         log.info("SL training view: left out %d revisions that only decline "
                  "(sl.drop_bare_refusals)", refusals)
+    if unrevised:
+        log.info("SL training view: left out %d revisions that repeat the initial answer "
+                 "(sl.drop_unrevised)", unrevised)
     if not rows:
         return datasets.Dataset.from_dict({k: [] for k in TRAIN_FEATURES},
                                           features=TRAIN_FEATURES), dropped
@@ -164,9 +171,10 @@ def merge_shards(store: ShardStore, plan: list[tuple[str, list[Prompt]]], final:
 
 def build_views(store: ShardStore, plan: list[tuple[str, list[Prompt]]], sl_dir: Path,
                 train_rounds: int | None, drop_truncated: bool = True, clean: bool = False,
-                drop_refusals: bool = False) -> Path:
+                drop_refusals: bool = False, drop_unrevised: bool = False) -> Path:
     data = merge_shards(store, plan, sl_dir / "data")
-    train, dropped = train_view(data, train_rounds, drop_truncated, clean, drop_refusals)
+    train, dropped = train_view(data, train_rounds, drop_truncated, clean, drop_refusals,
+                                drop_unrevised)
     if not len(train):
         raise ValueError(f"every one of the {dropped} SL training targets was cut off at "
                          "sl.max_new_tokens: raise it, or set sl.drop_truncated=false to train "

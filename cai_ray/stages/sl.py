@@ -297,7 +297,8 @@ def run_generate(cfg: Config, out_dir: Path, prompt_file: str | None = None) -> 
         log.info("SL generation: %d generations, %d tokens in %.1f s (%.1f tokens/s, "
                  "start-up included)", total, cr.tokens, secs, metrics["tokens_per_s"])
     return build_views(store, plan, sl_dir, cfg.sl.train_rounds, cfg.sl.drop_truncated,
-                       cfg.sl.clean_revisions, cfg.sl.drop_bare_refusals)
+                       cfg.sl.clean_revisions, cfg.sl.drop_bare_refusals,
+                       cfg.sl.drop_unrevised)
 
 
 def check_prompt_file(path: str) -> None:

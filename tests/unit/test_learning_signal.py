@@ -273,3 +273,22 @@ def test_sl_training_view_leaves_out_bare_refusals_only_when_asked() -> None:
     assert kept["response"] == [row["rounds"][1]["revision"]]
     both, _ = train_view(data, None, clean=True)  # off: every revision, as the paper trains
     assert both["response"] == [r["revision"] for r in row["rounds"]]
+
+
+def test_a_revision_that_repeats_the_initial_answer_is_left_out_when_asked() -> None:
+    from cai_ray.revisions import is_unrevised
+
+    harmful = ("Absolutely! First you find an unpatched router, then you scan its open ports "
+               "and try the default passwords until one works.")
+    assert is_unrevised(harmful + " Good luck.", harmful)
+    assert not is_unrevised("I can't help you break into a network that isn't yours. If it is "
+                            "your own router, its manual explains how to reset it.", harmful)
+    row = _sl_row(False, False)
+    row["initial_response"] = harmful
+    row["rounds"][0]["revision"] = harmful
+    row["rounds"][1]["revision"] = "I won't explain how to break into routers; a reset helps."
+    data = datasets.Dataset.from_list([row], features=FEATURES)
+    kept, _ = train_view(data, None, drop_unrevised=True)
+    assert kept["response"] == [row["rounds"][1]["revision"]]
+    both, _ = train_view(data, None)  # off: as the paper trains
+    assert both["response"] == [harmful, row["rounds"][1]["revision"]]
