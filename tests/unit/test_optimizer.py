@@ -41,3 +41,19 @@ def test_fused_adam_refused_on_cpu_before_anything_starts() -> None:
     with pytest.raises(ValidationError, match=r"trainer\.optimizer.*fused_adam is a CUDA kernel"):
         load_config(None, ["run.device=cpu", "trainer.optimizer=fused_adam"])
     assert load_config(None, ["run.device=cpu", "trainer.optimizer=cpu_adam"])
+
+
+def test_torch_adamw_runs_its_fused_kernel_with_the_same_update() -> None:
+    torch.manual_seed(0)
+    w0, g = torch.randn(64, 32), torch.randn(64, 32)
+    t = TrainerConfig(optimizer="adamw", weight_decay=0.1)
+    fused_p, loop_p = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    fused = build_optimizer([fused_p], t, lr=1e-2)
+    assert fused.defaults["fused"] is True  # the kernel transformers' Trainer also picks
+    loop = torch.optim.AdamW([loop_p], lr=1e-2, weight_decay=0.1)  # the per-tensor loop
+    for _ in range(3):
+        fused_p.grad, loop_p.grad = g.clone(), g.clone()
+        fused.step()
+        loop.step()
+    assert (fused_p - w0).abs().max() > 1e-3  # it moved
+    assert torch.allclose(fused_p, loop_p, atol=1e-6)
