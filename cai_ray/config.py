@@ -166,7 +166,8 @@ class TrainerConfig:
     dtype: Literal["float32", "bfloat16", "auto"] = option(
         "auto", "training dtype; auto: chosen from the hardware like model.dtype")
     optimizer: Literal["adamw", "cpu_adam", "fused_adam"] = option(
-        "adamw", "torch AdamW needs no build; the DeepSpeed ones JIT-compile on first use")
+        "adamw", "torch AdamW (its fused kernel where torch has one) needs no build; the "
+        "DeepSpeed ones JIT-compile on first use")
     comm_backend: Literal["auto", "gloo", "nccl"] = option("auto", "auto: nccl on GPU, gloo on CPU")
     max_length: int = option(1024, "tokens per training sequence", positive)
     gradient_checkpointing: bool = option(False, "trade compute for activation memory")
