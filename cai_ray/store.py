@@ -180,7 +180,8 @@ def build_views(store: ShardStore, plan: list[tuple[str, list[Prompt]]], sl_dir:
                          "sl.max_new_tokens: raise it, or set sl.drop_truncated=false to train "
                          "on them without an EOS")
     save_atomic(train, sl_dir / "train")
+    cut = dropped if drop_truncated else sum(not f for f in train["finished"])
     log.info("SL data: %d rows -> %s; training view: %d samples -> %s (%d truncated %s)",
-             len(data), sl_dir / "data", len(train), sl_dir / "train", dropped,
+             len(data), sl_dir / "data", len(train), sl_dir / "train", cut,
              "left out" if drop_truncated else "kept without EOS")
     return sl_dir / "data"
