@@ -323,22 +323,28 @@ class RolloutWorker(Worker):
                        checksums: dict[str, tuple[float, float]] | None = None) -> int:
         """Load new policy weights into the running engine: named tensors, `weight_sync`
         buckets (object-store references, fetched one at a time), or a save_pretrained
-        directory; then drop cached prefixes computed with the old weights. Pushed tensors
-        are audited on their way in (`WeightAudit`); `sync_report` then says whether every
-        engine module received weights, computes with them, and (given the sender's
-        `checksums`) holds the trainer's values."""
-        from cai_ray.actors.weight_sync import iterate
+        directory (read here, its tied head added: `directory_weights`); then drop cached
+        prefixes computed with the old weights. Pushed tensors are audited on their way in
+        (`WeightAudit`); `sync_report` then says whether every engine module received weights,
+        computes with them, and (given the sender's `checksums`) holds the trainer's values.
+        A directory load that fails the audit raises."""
+        from cai_ray.actors.weight_sync import directory_weights, iterate
 
         if sum(x is not None for x in (weights, path, buckets)) != 1:
             raise ValueError("pass exactly one of `weights`, `path` or `buckets`")
-        audit = self._audit() if path is None else None
-        if path is not None:
+        # a directory is read here and loaded like a push (its tied head included), audited
+        named = directory_weights(path) if path is not None else (
+            weights if weights is not None else iterate(buckets or [], fetch_timeout_s))
+        audit = self._audit() if named is not None else None
+        if named is None:  # no safetensors: vLLM's own loader reads the directory
             kwargs: dict[str, Any] = {"weights_path": path}
         else:
-            named = weights if weights is not None else iterate(buckets or [], fetch_timeout_s)
             kwargs = {"weights_iterator": audit.watch(named) if audit is not None else named}
         self.llm.collective_rpc("reload_weights", kwargs=kwargs)
         self.last_report = audit.verify(version, checksums) if audit is not None else None
+        if path is not None and self.last_report is not None and not self.last_report.ok:
+            # nobody else checks a directory load: a snapshot must not be rated on other weights
+            raise RuntimeError(f"loading {path} into the engine: {self.last_report.problem()}")
         return self._new_version(version)
 
     def sync_report(self) -> SyncReport | None:

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 Named = tuple[str, Any]  # (parameter name, tensor)
@@ -152,6 +153,46 @@ def export_plan(module: Any) -> list[ExportItem]:
                                 partial(_merged, p, layer, adapters) if adapters else
                                 partial(_detached, p)))
     return items
+
+
+# the input embedding's name in the HF layouts with a tied output head (Llama/Qwen/Mistral/
+# SmolLM, GPT-2, BLOOM/Falcon-style)
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def directory_weights(path: str | Path) -> Iterator[Named] | None:
+    """The tensors of a `save_pretrained` directory (its safetensors files, in name order), as
+    a weight push would send them: a tied output head, which HF leaves out of the file, is
+    added as `lm_head.weight`. vLLM's own load from a directory skips the head on a reload and
+    keeps the head's earlier kernel weights (it warns "ParallelLMHead: Failed to load
+    weights"), so a tied model loaded that way samples from its old head. None when the
+    directory has no safetensors files."""
+    from transformers import AutoConfig
+
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        return None
+    config = AutoConfig.from_pretrained(root)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    return _read_directory(files, tied)
+
+
+def _read_directory(files: list[Path], tied: bool) -> Iterator[Named]:
+    from safetensors import safe_open
+
+    seen: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                seen[name] = f
+                yield name, st.get_tensor(name)
+    if tied and "lm_head.weight" not in seen:
+        embed = next((n for n in seen if n.endswith(_EMBED_SUFFIXES)), None)
+        if embed is not None:
+            with safe_open(str(seen[embed]), framework="pt") as st:
+                yield "lm_head.weight", st.get_tensor(embed)
 
 
 def named_tensors(module: Any) -> dict[str, Any]:

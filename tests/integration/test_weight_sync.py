@@ -135,3 +135,26 @@ def test_a_module_computing_with_other_weights_is_caught(engine, tied_model_dir:
     report = audit.verify(6)
     assert not report.ok and report.worst_rel_err > report.tolerance, report.problem()
     assert report.worst_module  # names the module
+
+
+def test_a_directory_load_reaches_the_tied_head(engine, tied_model_dir: Path,
+                                                 tmp_path: Path) -> None:
+    """Eval and live eval load snapshots from save_pretrained directories, which hold no
+    lm_head.weight for a tied model. vLLM's own directory reload skips the head and puts its
+    old kernel weights back (the control); our load adds the head and audits the load."""
+    dtype, g = engine
+    worker = g._actors[0].instance
+    control = _trainer_model(tied_model_dir, dtype, seed=8)
+    control.save_pretrained(tmp_path / "control")
+    worker.llm.collective_rpc("reload_weights",
+                              kwargs={"weights_path": str(tmp_path / "control")})
+    if dtype == "float32":  # vLLM's path: the body is new, the head is the engine's old one
+        assert _probe_diff(g, control) > 1e-2
+    model = _trainer_model(tied_model_dir, dtype, seed=7)
+    model.save_pretrained(tmp_path / "snap")
+    g.call(0, RolloutWorker.update_weights, 7, path=str(tmp_path / "snap"))
+    report = g.call(0, RolloutWorker.sync_report)
+    assert report is not None and report.ok, report.problem() if report else None
+    assert "lm_head.weight" in worker._audit().last_received
+    if dtype == "float32":
+        assert _probe_diff(g, model) < 1e-3

@@ -292,3 +292,16 @@ def test_a_revision_that_repeats_the_initial_answer_is_left_out_when_asked() -> 
     assert kept["response"] == [row["rounds"][1]["revision"]]
     both, _ = train_view(data, None)  # off: as the paper trains
     assert both["response"] == [harmful, row["rounds"][1]["revision"]]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_saved_directory_is_read_with_its_tied_head(tmp_path: Path, tied: bool) -> None:
+    from cai_ray.actors.weight_sync import directory_weights
+
+    model = _llama(tied=tied)
+    model.save_pretrained(tmp_path)
+    named = dict(directory_weights(tmp_path))
+    assert set(named) == set(export_names(model))  # what a weight push sends, no more
+    assert torch.equal(named["lm_head.weight"], model.lm_head.weight.detach())
+    (tmp_path / "bin").mkdir()
+    assert directory_weights(tmp_path / "bin") is None  # no safetensors: vLLM reads it itself
