@@ -254,17 +254,14 @@ class PPOTrainerWorker(TrainerWorker):
         the float64 checksum of every tensor as the trainer holds it now (empty on other
         ranks)."""
         sums: dict[str, tuple[float, float]] = {}
-        # Ray's put copies a CPU tensor into the store as it is called, and ZeRO-2 keeps the
-        # live tensors until the next step: no copy of our own then. A ZeRO-3 tensor is only
-        # valid inside its gather, and in local mode the bucket is the tensors themselves.
-        import ray
 
-        own_copy = self.cfg.zero_stage == 3 or not ray.is_initialized()
-
+        # A copy of each tensor even on the CPU: DeepSpeed's parameters are views into one
+        # flat buffer, and pickling a view writes its whole storage (a bucket of views once
+        # grew to 3.8 GB and the trainer to 20 GB).
         def host_copies() -> Iterator[Named]:
             for name, t in self._gathered():
                 sums[name] = checksum(t)
-                yield name, t.to("cpu", copy=own_copy or t.device.type != "cpu")
+                yield name, t.to("cpu", copy=True)
 
         refs = [ref for b in iter_buckets(host_copies(), int(bucket_mb * 2**20))
                 for ref in publish_buckets([b])]
