@@ -12,7 +12,8 @@ Every variant starts from the same SL-CAI policy and is rated on the same held-o
    DPO, its `label/`) linked in, and runs only its RL stage(s):
    - ppo: `rm` (the PM on the base's labels) then `ppo`;
    - dpo: `dpo` on the base's labels;
-   - online_dpo: `online_dpo` (the judge labels fresh policy samples in the loop).
+   - online_dpo: `online_dpo` (the judge labels fresh policy samples in the loop), with two
+     samples per prompt and no live PM Elo (`VARIANT_OVERRIDES`).
    Then `eval` rates the initial policy and the variant's final policy.
 3. Cost: the variant's own stages, plus the label stage for the two that learn from its
    comparisons (online DPO labels inside its own stage), as CPU-hours = wall time × the cores
@@ -42,6 +43,23 @@ from cai_ray.config import Config, load_config  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 VARIANTS = ("ppo", "dpo", "online_dpo")
+# What a variant needs beyond the preset (given before the command line's overrides, which win):
+# online DPO compares two samples per prompt and has no PM for the live Elo.
+VARIANT_OVERRIDES = {"online_dpo": ["ppo.samples_per_prompt=2", "ppo.eval_every=0"]}
+
+
+def variant_config(path: str, overrides: list[str], variant: str) -> Config:
+    return load_config(path, VARIANT_OVERRIDES.get(variant, []) + overrides + [
+        f"pipeline.rl={variant}", f"eval.snapshots=[initial,{variant}]"])
+
+
+def variant_problems(cfg: Config, variant: str) -> list[str]:
+    """A variant's config problems, found before anything runs (not an hour in)."""
+    if variant != "online_dpo":
+        return []
+    from cai_ray.stages.online_dpo import online_dpo_problems
+
+    return [f"{variant}: {key}: {msg}" for key, msg in online_dpo_problems(cfg)]
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -191,12 +209,14 @@ def main() -> None:
     setup_logging("INFO")
     base, out = Path(args.base), Path(args.out)
     shared = load_config(args.config, args.overrides)
+    configs = {v: variant_config(args.config, args.overrides, v) for v in variants}
+    problems = [p for v in variants for p in variant_problems(configs[v], v)]
+    if problems:
+        ap.error("variant configs:\n  " + "\n  ".join(problems))
     shared_part(shared, base)
     rows = []
     for v in variants:
-        snap = "ppo" if v == "ppo" else v
-        cfg = load_config(args.config, args.overrides + [
-            f"pipeline.rl={v}", f"eval.snapshots=[initial,{snap}]"])
+        cfg = configs[v]
         run_variant(cfg, base, out / v, v)
         rows.append(row(cfg, base, out / v, v))
     print_table(rows)
