@@ -236,7 +236,7 @@ class RolloutWorker(Worker):
         raw logits: they are PPO's behaviour log-probs. The engine's workers can join a
         collective weight-sync group (`WeightReceiver`: NCCL on GPU, gloo on CPU)."""
         return {"logprobs_mode": "processed_logprobs",
-                "worker_extension_cls": "cai_ray.actors.weight_sync.WeightReceiver"}
+                "worker_extension_cls": "cai_ray.actors.weight_channel.WeightReceiver"}
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         text = self.tokenizer.apply_chat_template(
