@@ -63,16 +63,18 @@ run: setup models $(NEEDS_JUDGE)
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), each test file on one of them: most
 # of a test's time is single-core (imports, actor start-up, one engine waiting for another), so
-# two workers share 2 cores well. TEST_WORKERS=0 runs it in this process. The tiny model is
-# built first so the workers do not each build it.
+# two workers share 2 cores well. The files are handed out heaviest first (their measured
+# seconds, tests/file_seconds.json), so no long file starts last and runs alone at the end.
+# TEST_WORKERS=0 runs it in this process. The tiny model is built first so the workers do not
+# each build it.
 TEST_WORKERS ?= 2
 test: setup
 	$(CAI) models prepare tiny-llama >/dev/null
-	$(VENV)/bin/pytest -q -p xdist -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	$(VENV)/bin/pytest -q -p xdist -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
 
 lint: setup
 	$(VENV)/bin/ruff check cai_ray tests benchmarks
-	$(VENV)/bin/mypy cai_ray/config.py cai_ray/configschema.py cai_ray/configload.py cai_ray/configcheck.py cai_ray/messages.py cai_ray/algorithms cai_ray/labelling.py cai_ray/judgecheck.py cai_ray/checkpoint.py cai_ray/actors/weight_sync.py cai_ray/actors/group.py cai_ray/redaction.py
+	$(VENV)/bin/mypy cai_ray/config.py cai_ray/configschema.py cai_ray/configload.py cai_ray/configcheck.py cai_ray/messages.py cai_ray/algorithms cai_ray/labelling.py cai_ray/judgecheck.py cai_ray/checkpoint.py cai_ray/actors/weight_sync.py cai_ray/actors/weight_channel.py cai_ray/actors/group.py cai_ray/redaction.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,6 +29,12 @@ def _plt() -> Any:
     return plt
 
 
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend, when the axes have labelled lines (an empty one only warns)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -55,7 +61,7 @@ def elo_plot(elo: dict[str, Any], out: Path) -> Path:
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xticks(range(len(names)), names, rotation=30)
         ax.set_title(f"{aspect}ness Elo (95% bootstrap)")
-        ax.legend()
+        _legend(ax)
     fig.tight_layout()
     path = out / "elo.png"
     fig.savefig(path, dpi=110)
@@ -90,7 +96,7 @@ def steps_plot(elo: dict[str, Any], final_step: int, out: Path) -> Path | None:
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("PPO step")
         ax.set_title(f"{aspect}ness Elo over PPO steps")
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     fig.tight_layout()
     path = out / "elo_steps.png"
     fig.savefig(path, dpi=110)
@@ -120,7 +126,7 @@ def scatter_plot(elo: dict[str, Any], out: Path) -> Path | None:
     ax.set_title("harmlessness vs helpfulness")
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
-    ax.legend()
+    _legend(ax)
     fig.tight_layout()
     path = out / "scatter.png"
     fig.savefig(path, dpi=110)
@@ -137,7 +143,7 @@ def ppo_plot(rows: list[dict[str, Any]], out: Path) -> Path:
                  label="score − β·KL")
     axes[0].set_title("PPO reward")
     axes[0].set_xlabel("step")
-    axes[0].legend()
+    _legend(axes[0])
     axes[1].plot(steps, [r["kl/mean"] for r in rows], marker=".", color="tab:red")
     axes[1].set_title("KL(policy ‖ initial) per response")
     axes[1].set_xlabel("step")
@@ -159,7 +165,7 @@ def dpo_plot(rows: list[dict[str, Any]], out: Path, stage: str = "dpo") -> Path:
     axes[1].plot(steps, [r["dpo/reward_rejected"] for r in rows], marker=".", label="rejected")
     axes[1].set_title("implicit reward β·(log π − log π_ref)")
     axes[1].set_xlabel("step")
-    axes[1].legend()
+    _legend(axes[1])
     fig.tight_layout()
     path = out / f"{stage}.png"
     fig.savefig(path, dpi=110)
@@ -181,7 +187,7 @@ def reliability_plot(rm: dict[str, Any], out: Path) -> Path | None:
     ax.set_xlabel("PM confidence in its preferred side")
     ax.set_ylabel("label mass on that side")
     ax.set_title(f"PM reliability ({held.get('count', '?')} held-out)")
-    ax.legend()
+    _legend(ax)
     fig.tight_layout()
     path = out / "reliability.png"
     fig.savefig(path, dpi=110)

@@ -3,6 +3,7 @@ tests/gpu (skipped cleanly without CUDA)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -37,6 +38,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.gpu)
             if not has_cuda:
                 item.add_marker(skip_gpu)
+    if hasattr(config, "workerinput"):  # an xdist worker: every worker sorts the same way
+        items.sort(key=lambda item: -file_seconds(item))
+
+
+FILE_SECONDS = Path(__file__).resolve().parent / "file_seconds.json"
+_file_seconds: dict[str, float] | None = None
+
+
+def file_seconds(item: pytest.Item) -> float:
+    """The measured seconds of the item's file (`tests/file_seconds.json`, refreshed by
+    `tests/file_seconds.py`): with `--dist loadfile --no-loadscope-reorder`, xdist hands the
+    files out in collection order, so sorting them heaviest first keeps a long file from
+    starting last and running alone at the end. A file not measured yet counts as an average
+    integration file, or a fast unit file."""
+    global _file_seconds
+    if _file_seconds is None:
+        _file_seconds = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+    rel = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
+    default = 20.0 if "integration" in Path(rel).parts else 1.0
+    return _file_seconds.get(rel, default)
 
 
 @pytest.fixture(scope="session")

@@ -36,10 +36,9 @@ from cai_ray.actors.trainer import (
     start_ranks,
     token_logprobs,
 )
+from cai_ray.actors.weight_channel import TensorMeta, WeightChannel
 from cai_ray.actors.weight_sync import (
     Named,
-    TensorMeta,
-    WeightChannel,
     WeightExport,
     checksum,
     export_plan,

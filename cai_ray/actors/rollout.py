@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import json
 import logging
+import logging.config
 import os
 import tempfile
 import time
@@ -101,9 +102,10 @@ _DELIBERATE = (
     "Inductor compilation was disabled by user settings",
     "Model Runner V2 requires Triton",
     "The global random seed is set to",
-    # the CPU build as installed: no triton-cpu, no tcmalloc/iomp preload (measured without
-    # them), and the SSM cache note that every non-Mamba model gets
+    # the CPU build as installed: no triton-cpu (said at `import vllm`), no tcmalloc/iomp
+    # preload (measured without them), and the SSM cache note that every non-Mamba model gets
     "Triton is not installed. triton-cpu is expected",
+    "Triton is installed, but doesn't include CPU backend",
     "%s is not found in LD_PRELOAD",  # libtcmalloc, libiomp
     "Reset SSM cache type to float32",
 )
@@ -180,6 +182,9 @@ def use_engine_logging() -> None:
         json.dump(engine_logging(level), f)
     os.replace(tmp, path)  # one file per user and level, replaced whole: never read half-written
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
+    # Also now: `import vllm` warns (e.g. about Triton) before vLLM has configured its logger,
+    # and such a record would reach the console through logging's last-resort handler.
+    logging.config.dictConfig(engine_logging(level))
 
 
 class RolloutWorker(Worker):
@@ -236,7 +241,7 @@ class RolloutWorker(Worker):
         raw logits: they are PPO's behaviour log-probs. The engine's workers can join a
         collective weight-sync group (`WeightReceiver`: NCCL on GPU, gloo on CPU)."""
         return {"logprobs_mode": "processed_logprobs",
-                "worker_extension_cls": "cai_ray.actors.weight_sync.WeightReceiver"}
+                "worker_extension_cls": "cai_ray.actors.weight_channel.WeightReceiver"}
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         text = self.tokenizer.apply_chat_template(

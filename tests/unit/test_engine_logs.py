@@ -110,3 +110,36 @@ def test_the_weight_loading_bar_shows_only_when_engine_logs_are_asked_for(
     kw = rollout.engine_kwargs(ModelSpec(path=str(tiny_model_dir)), EngineConfig(), "cpu", 0)
     assert kw["use_tqdm_on_load"] is bar
     assert EngineArgs(**kw).use_tqdm_on_load is bar  # a field vLLM's engine takes
+
+
+IMPORT_TIME = """
+import logging, sys
+if sys.argv[1] == "ours":
+    from cai_ray.actors.rollout import use_engine_logging
+    use_engine_logging()
+# what `import vllm` does before vLLM has configured its logger
+log = logging.getLogger("vllm.triton_utils.importing")
+log.warning("Triton is installed, but doesn't include CPU backend. Disabling Triton.")
+log.warning("a real engine warning")
+"""
+
+
+@pytest.mark.parametrize("mode", ["ours", "control"])
+def test_warnings_at_vllm_import_time_are_filtered_too(mode: str, tmp_path) -> None:
+    """`import vllm` warns about the CPU build's Triton before vLLM configures its logger, so
+    the record went to logging's last-resort handler, past the filter. `use_engine_logging`
+    applies the filtered config at once. Control: without it the deliberate warning shows."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING",
+                        "VLLM_LOGGING_LEVEL")}
+    env["TMPDIR"] = str(tmp_path)
+    p = subprocess.run([sys.executable, "-c", IMPORT_TIME, mode], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    assert "a real engine warning" in out
+    assert ("doesn't include CPU backend" in out) is (mode == "control"), out

@@ -45,6 +45,24 @@ def test_report_draws_every_plot(tmp_path: Path) -> None:
     assert "ppo@2" in page and "0.75" in page
 
 
+def test_a_report_with_one_rated_aspect_draws_no_empty_legend(tmp_path: Path) -> None:
+    """The efficacy preset rates helpfulness Elo only: the harmlessness panel has no lines, and
+    its legend used to print matplotlib's "No artists with labels" warning to the console."""
+    import warnings
+
+    names = ["initial", "dpo"]
+    elo = {"snapshots": names,
+           "elo": {"judge/helpful": {n: _rating(10.0 * k, 24) for k, n in enumerate(names)}},
+           "per_snapshot": {n: {"evasive_rate": 0.1, "over_refusal_rate": 0.0} for n in names}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "elo.json").write_text(json.dumps(elo))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        page = write_report(tmp_path).read_text()
+    assert 'src="report/elo.png"' in page
+    assert not [w for w in seen if "No artists with labels" in str(w.message)], seen
+
+
 def test_report_without_outputs_says_so(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no stage output"):
         write_report(tmp_path)

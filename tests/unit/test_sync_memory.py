@@ -52,7 +52,7 @@ def trainer(tiny_model_dir: Path) -> Any:
 
 
 def _channel() -> Any:
-    from cai_ray.actors.weight_sync import WeightChannel
+    from cai_ray.actors.weight_channel import WeightChannel
 
     ch = WeightChannel.__new__(WeightChannel)  # no group: broadcast is the recorder's no-op
     ch.device, ch.backend = torch.device("cpu"), "gloo"

@@ -21,7 +21,7 @@ BIG = 20_000_000  # floats: more than a socket buffer, so the sender is mid-push
 def _member(rank: int, port: int, abort: bool, timeout_s: float, out: Any) -> None:
     import torch
 
-    from cai_ray.actors.weight_sync import WeightChannel
+    from cai_ray.actors.weight_channel import WeightChannel
 
     ch = WeightChannel("127.0.0.1", port, rank, 3, "cpu", timeout_s)
     if rank == 2:  # the engine that dies before the push
@@ -49,7 +49,7 @@ def _member(rank: int, port: int, abort: bool, timeout_s: float, out: Any) -> No
 
 
 def _meta(name: str) -> Any:
-    from cai_ray.actors.weight_sync import TensorMeta
+    from cai_ray.actors.weight_channel import TensorMeta
 
     return TensorMeta(name, (BIG,), "float32")
 
