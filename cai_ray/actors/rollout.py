@@ -176,15 +176,16 @@ def use_engine_logging() -> None:
             os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
         return
     level = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper()
+    config = engine_logging(level)
     path = Path(tempfile.gettempdir()) / f"cai-ray-vllm-logging-{os.getuid()}-{level}.json"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(engine_logging(level), f)
+        json.dump(config, f)
     os.replace(tmp, path)  # one file per user and level, replaced whole: never read half-written
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
     # Also now: `import vllm` warns (e.g. about Triton) before vLLM has configured its logger,
     # and such a record would reach the console through logging's last-resort handler.
-    logging.config.dictConfig(engine_logging(level))
+    logging.config.dictConfig(config)
 
 
 class RolloutWorker(Worker):
