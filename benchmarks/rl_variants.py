@@ -13,7 +13,8 @@ Every variant starts from the same SL-CAI policy and is rated on the same held-o
    - ppo: `rm` (the PM on the base's labels) then `ppo`;
    - dpo: `dpo` on the base's labels;
    - online_dpo: `online_dpo` (the judge labels fresh policy samples in the loop), with two
-     samples per prompt and no live PM Elo (`VARIANT_OVERRIDES`).
+     samples per prompt and no live PM Elo.
+   Each runs at the settings it was measured at (`VARIANT_OVERRIDES`).
    Then `eval` rates the initial policy and the variant's final policy.
 3. Cost: the variant's own stages, plus the label stage for the two that learn from its
    comparisons (online DPO labels inside its own stage), as CPU-hours = wall time × the cores
@@ -43,9 +44,15 @@ from cai_ray.config import Config, load_config  # noqa: E402
 from cai_ray.runtime import setup_logging  # noqa: E402
 
 VARIANTS = ("ppo", "dpo", "online_dpo")
-# What a variant needs beyond the preset (given before the command line's overrides, which win):
-# online DPO compares two samples per prompt and has no PM for the live Elo.
-VARIANT_OVERRIDES = {"online_dpo": ["ppo.samples_per_prompt=2", "ppo.eval_every=0"]}
+# What a variant needs beyond the preset (given before the command line's overrides, which win).
+# The preset is set for online DPO (two samples per prompt, no PM for the live Elo, 72 steps at
+# 2e-5); PPO gets one sample per prompt, its live Elo and 24 steps, and offline DPO 1e-5, the
+# settings each was measured at. Online DPO compares two samples per prompt in any preset.
+VARIANT_OVERRIDES = {
+    "ppo": ["ppo.samples_per_prompt=1", "ppo.eval_every=12", "ppo.steps=24"],
+    "dpo": ["dpo.lr=1.0e-5"],
+    "online_dpo": ["ppo.samples_per_prompt=2", "ppo.eval_every=0"],
+}
 
 
 def variant_config(path: str, overrides: list[str], variant: str) -> Config:

@@ -331,6 +331,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judge_check_once(cfg: Any, out: Path) -> Path:
+    from cai_ray.stages.label import run_judge_check
+
+    done = out / "label" / "judge_check.json"
+    if done.exists():
+        log.info("judge already checked in %s; skipping", done)
+        return done
+    return run_judge_check(cfg, out)
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from cai_ray.report import write_report
     from cai_ray.stages.dpo import run_dpo
@@ -344,7 +354,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     def build(cfg: Any, out: Path) -> list[Stage]:
         from cai_ray.config import rl_sampling_problems
-        from cai_ray.configschema import ValidationError
+        from cai_ray.configschema import Problem, ValidationError
+        from cai_ray.stages.online_dpo import online_dpo_problems
 
         problems = rl_sampling_problems(cfg)  # the RL stage's refusal, before SL runs an hour
         if problems:
@@ -354,8 +365,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         label: list[Stage] = [("label", lambda: run_label(cfg, out))]
         if cfg.pipeline.rl == "dpo":
             rl = [("dpo", lambda: run_dpo(cfg, out))]
-        elif cfg.pipeline.rl == "online_dpo":  # labels its own samples: no label stage
-            label, rl = [], [("online_dpo", lambda: run_online_dpo(cfg, out, args.resume))]
+        elif cfg.pipeline.rl == "online_dpo":
+            bad = online_dpo_problems(cfg)  # before SL runs an hour, not after
+            if bad:
+                raise ValidationError("online DPO", [Problem(k, m, "config") for k, m in bad])
+            # it labels its own samples, so no label stage; the judge is still checked on the
+            # labelled sets before it labels anything (once: a resumed run keeps the result)
+            label = [("judge-check", lambda: _judge_check_once(cfg, out))]
+            rl = [("online_dpo", lambda: run_online_dpo(cfg, out, args.resume))]
         return [("sl/generate", lambda: run_generate(cfg, out)),
                 ("sl/train", lambda: run_train(cfg, out)), *label, *rl,
                 ("eval", lambda: run_eval(cfg, out)), ("report", lambda: write_report(out))]

@@ -74,3 +74,11 @@ def test_ppo_batch_shapes_are_checked_up_front() -> None:
     assert p.returncode == 2
     assert "ppo.mini_batch_size: must be a multiple of trainer.micro_batch_size" in p.stderr
     assert "ppo.samples_per_prompt: advantage=grpo needs >= 2" in p.stderr
+
+
+def test_pipeline_with_online_dpo_checks_its_settings_before_sl_runs(tmp_path: Path) -> None:
+    p = cli("pipeline", "--config", "configs/cpu-tiny.yaml", "--output", str(tmp_path),
+            "pipeline.rl=online_dpo", "run.local_mode=true")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "ppo.samples_per_prompt: online DPO compares 2 responses per prompt, got 1" in p.stderr
+    assert not (tmp_path / "sl").exists()  # nothing ran
