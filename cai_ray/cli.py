@@ -338,7 +338,7 @@ def _judge_check_once(cfg: Any, out: Path) -> Path:
     if done.exists():
         log.info("judge already checked in %s; skipping", done)
         return done
-    return run_judge_check(cfg, out)
+    return run_judge_check(cfg, out, echo=False)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:

@@ -335,6 +335,15 @@ def load_tokenizer(spec: ModelSpec) -> Any:
                                          trust_remote_code=spec.trust_remote_code)
 
 
+def quiet_weight_loading() -> None:
+    """No "Loading weights" bar from transformers for each model an actor loads: several
+    actors load at once and their bars interleave in the console, where the run's own bars
+    and log lines say what is being done."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_causal_lm(spec: ModelSpec, dtype: str | None = None, device: str = "cpu") -> Any:
     """The one loader for policy, feedback and reward backbones (HF causal LM); a dtype of
     "auto" is the hardware's choice (`cai_ray.hardware`)."""
@@ -342,6 +351,7 @@ def load_causal_lm(spec: ModelSpec, dtype: str | None = None, device: str = "cpu
 
     from cai_ray.hardware import torch_dtype
 
+    quiet_weight_loading()
     model = AutoModelForCausalLM.from_pretrained(resolve(spec), revision=spec.revision,
                                                  dtype=torch_dtype(dtype or spec.dtype, device),
                                                  trust_remote_code=spec.trust_remote_code)

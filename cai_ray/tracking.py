@@ -58,7 +58,11 @@ class Tracker:
         self._run = wandb.init(project=cfg.project, entity=cfg.entity,
                                name=cfg.run_name or run_name, tags=cfg.tags or None,
                                dir=str(self.out_dir), mode=self.mode, id=run_id,
-                               resume="allow", config=config or {})
+                               resume="allow", config=config or {},
+                               # offline, the line above says where the logs are, in place of
+                               # W&B's own banner and sync hints at every stage's start and end
+                               settings=wandb.Settings(silent=True)
+                               if self.mode == "offline" else None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -22,7 +22,7 @@ from cai_ray.algorithms.preference import soft_preference_loss
 from cai_ray.config import Config, ModelSpec, TrainerConfig
 from cai_ray.hardware import torch_dtype
 from cai_ray.messages import Comparison, TrainStats
-from cai_ray.models import load_tokenizer, resolve
+from cai_ray.models import load_tokenizer, quiet_weight_loading, resolve
 from cai_ray.runtime import device_of, role_group
 
 HEAD_FILE = "reward_head.safetensors"
@@ -54,6 +54,7 @@ def load_reward_model(spec: ModelSpec, dtype: torch.dtype,
     from transformers import AutoModel
 
     path = resolve(spec)
+    quiet_weight_loading()
     backbone = AutoModel.from_pretrained(path, revision=spec.revision, dtype=dtype,
                                          trust_remote_code=spec.trust_remote_code)
     model = cls(backbone)

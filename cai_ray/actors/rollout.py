@@ -50,6 +50,12 @@ def vllm_env(engine: EngineConfig, device: str, threads: int | None = None) -> d
         env["OMP_NUM_THREADS"] = str(threads)
     if device == "cpu":
         env.update({
+            # the CPU worker's NUMA binding warns from C++ at every engine start ("Using MEMBIND
+            # policy"), past Python's logging; torch's C++ errors still show. Read when torch
+            # loads, so it goes in the actor's environment; an exported value wins.
+            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"
+                                                  if env["VLLM_LOGGING_LEVEL"].upper()
+                                                  == "WARNING" else "WARNING"),
             "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),  # else it asks for ~92% of RAM
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",

@@ -12,6 +12,8 @@ a CPU step.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -256,7 +258,16 @@ class DistributedWorker(Worker):
         backend = self.comm_backend
         if backend == "auto":
             backend = "nccl" if self.device == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        # On CPU, DeepSpeed builds its shared-memory collective op here and prints that it
+        # did, once per rank; anything else it prints still reaches the console.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            deepspeed.init_distributed(dist_backend=backend)
+        for line in printed.getvalue().splitlines():
+            if "built successfully" in line:
+                log.debug("%s", line)
+            else:
+                print(line)
 
 
 def checkpoint_globals() -> list[Any]:

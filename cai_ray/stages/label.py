@@ -147,8 +147,10 @@ def write_judge_check(out_dir: Path, cfg: Config, results: list[SetResult],
 
 
 def run_judge_check(cfg: Config, out_dir: Path, sets: list[str] | None = None,
-                    limit: int | None = None) -> Path:
-    """`cai-ray judge-check`: measure the feedback model without labelling anything."""
+                    limit: int | None = None, echo: bool = True) -> Path:
+    """`cai-ray judge-check`: measure the feedback model without labelling anything. The
+    table is logged; `echo` also prints it as the command's output (a pipeline stage
+    doesn't, or its console shows it twice)."""
     sets = cfg.feedback.check_sets if sets is None else sets
     for name in sets:
         load_set(name)  # bad files stop here, before any actor starts
@@ -163,7 +165,8 @@ def run_judge_check(cfg: Config, out_dir: Path, sets: list[str] | None = None,
         finally:
             fb.shutdown()
     write_judge_check(out_dir, cfg, results, time.monotonic() - t0)
-    print(judge_table(results))
+    if echo:
+        print(judge_table(results))
     return out_dir / "label" / "judge_check.json"
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from cai_ray.actors import rollout
 from cai_ray.actors.rollout import _EngineNoiseFilter
+from cai_ray.config import EngineConfig
 
 
 def _record(msg: str, *args: object) -> logging.LogRecord:
@@ -143,3 +144,89 @@ def test_warnings_at_vllm_import_time_are_filtered_too(mode: str, tmp_path) -> N
     out = p.stdout + p.stderr
     assert "a real engine warning" in out
     assert ("doesn't include CPU backend" in out) is (mode == "control"), out
+
+
+NUMA_BIND = """
+import torch, vllm._C  # noqa: F401  (vLLM's CPU ops)
+torch.ops._C.init_cpu_memory_env([0])  # what vLLM's CPU worker runs at engine start
+"""
+
+
+@pytest.mark.parametrize("mode,level", [("ours", "WARNING"), ("ours", "INFO"),
+                                        ("control", "WARNING")])
+def test_the_cpu_engines_numa_warning_stays_out_unless_engine_logs_are_asked_for(
+        mode: str, level: str, monkeypatch) -> None:
+    """The CPU worker's NUMA binding warns from C++, which no logging filter sees: the engine's
+    environment sets torch's C++ log level. Control: without it the warning shows."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", level)
+    monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
+    env = {k: v for k, v in os.environ.items()}
+    if mode == "ours":
+        env.update(rollout.vllm_env(EngineConfig(), "cpu", 1))
+    p = subprocess.run([sys.executable, "-c", NUMA_BIND], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    shown = "NUMA binding" in p.stderr
+    assert shown is (mode == "control" or level == "INFO"), p.stderr
+
+
+DS_JOIN = """
+import os, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+from cai_ray.actors.group import WorkerContext
+from cai_ray.actors.trainer import DistributedWorker, free_port
+
+if sys.argv[1] == "ours":
+    w = DistributedWorker(WorkerContext("trainer", 0, 1))
+    w.device, w.comm_backend = "cpu", "gloo"
+    w.join_group("127.0.0.1", free_port())
+else:  # what join_group runs, bare
+    import deepspeed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+import torch.distributed as dist
+print("joined", dist.get_world_size())
+"""
+
+
+@pytest.mark.slow  # ~20 s each: DeepSpeed's import and op build
+@pytest.mark.parametrize("mode", ["ours", "control"])
+def test_deepspeeds_op_build_line_stays_out_of_a_trainers_console(mode: str) -> None:
+    """DeepSpeed prints that it built its CPU shared-memory op at every rank's init; the join
+    keeps that line in the debug log and lets the rest of its output through. Control: bare
+    `init_distributed` prints it."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", DS_JOIN, mode], capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert "joined 1" in p.stdout
+    assert ("built successfully" in p.stdout) is (mode == "control"), p.stdout
+
+
+@pytest.mark.parametrize("mode", ["ours", "control"])
+def test_loading_a_model_in_an_actor_draws_no_weights_bar(mode: str, tiny_model_dir,
+                                                           capfd) -> None:
+    """Several actors load models at once and their "Loading weights" bars interleave in the
+    console. Control: transformers' own loader, with its bars on, draws one."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from cai_ray.config import ModelSpec
+    from cai_ray.models import load_causal_lm
+
+    hf_logging.enable_progress_bar()
+    try:
+        if mode == "ours":
+            load_causal_lm(ModelSpec(path=str(tiny_model_dir)), "float32")
+        else:
+            AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    finally:
+        hf_logging.enable_progress_bar()
+    assert ("Loading weights" in capfd.readouterr().err) is (mode == "control")

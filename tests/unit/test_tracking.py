@@ -44,3 +44,24 @@ def test_offline_run_and_resume_keeps_run_id(tmp_path: Path, monkeypatch) -> Non
     assert (tmp_path / "wandb_run_id").read_text() == first
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1]
+
+
+@pytest.mark.parametrize("mode", ["ours", "control"])
+def test_an_offline_run_prints_no_wandb_banner(mode: str, tmp_path: Path, monkeypatch,
+                                              capfd) -> None:
+    """Each stage opens and closes a run: offline, W&B's banner and sync hints said nothing the
+    stage's own log line does not. Control: a bare offline `wandb.init` prints them."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_QUIET", raising=False)
+    if mode == "ours":
+        t = Tracker(TrackingConfig(wandb="offline", project="test"), "r", tmp_path)
+        t.log({"kl": 0.1}, step=0)
+        t.close()
+    else:
+        run = wandb.init(project="test", dir=str(tmp_path), mode="offline")
+        run.log({"kl": 0.1}, step=0)
+        run.finish()
+    out = capfd.readouterr()
+    assert ("wandb:" in out.out + out.err) is (mode == "control"), out
