@@ -354,8 +354,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     def build(cfg: Any, out: Path) -> list[Stage]:
         from cai_ray.config import rl_sampling_problems
-        from cai_ray.configschema import Problem, ValidationError
-        from cai_ray.stages.online_dpo import online_dpo_problems
+        from cai_ray.configschema import ValidationError
+        from cai_ray.stages.online_dpo import check_online_dpo
 
         problems = rl_sampling_problems(cfg)  # the RL stage's refusal, before SL runs an hour
         if problems:
@@ -366,9 +366,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         if cfg.pipeline.rl == "dpo":
             rl = [("dpo", lambda: run_dpo(cfg, out))]
         elif cfg.pipeline.rl == "online_dpo":
-            bad = online_dpo_problems(cfg)  # before SL runs an hour, not after
-            if bad:
-                raise ValidationError("online DPO", [Problem(k, m, "config") for k, m in bad])
+            check_online_dpo(cfg)  # before SL runs an hour, not after
             # it labels its own samples, so no label stage; the judge is still checked on the
             # labelled sets before it labels anything (once: a resumed run keeps the result)
             label = [("judge-check", lambda: _judge_check_once(cfg, out))]

@@ -30,7 +30,7 @@ from cai_ray.algorithms.masked import selected_token_logprobs
 from cai_ray.config import Config, ModelSpec, TrainerConfig
 from cai_ray.hardware import dtype_name, torch_dtype
 from cai_ray.messages import SFTSample, TrainStats
-from cai_ray.models import load_tokenizer, resolve
+from cai_ray.models import load_tokenizer, quiet_weight_loading, resolve
 from cai_ray.runtime import device_of, role_group
 
 log = logging.getLogger(__name__)
@@ -225,11 +225,9 @@ def quiet_trainer() -> None:
     progress bar for every save of a one-file model."""
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.\w+` is deprecated")
-    hf_logging.disable_progress_bar()
+    quiet_weight_loading()  # transformers' one switch covers its save bars too
 
 
 class DistributedWorker(Worker):

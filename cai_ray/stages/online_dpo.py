@@ -68,14 +68,19 @@ def online_dpo_problems(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
+def check_online_dpo(cfg: Config) -> None:
+    """Raise ValidationError naming every online-DPO setting that is wrong."""
+    bad = online_dpo_problems(cfg)
+    if bad:
+        raise ValidationError("online DPO", [Problem(k, m, "config") for k, m in bad])
+
+
 class OnlineDPORun(PPORun):
     stage = "online_dpo"
     title = "RL-CAI online DPO"
 
     def __init__(self, cfg: Config, out_dir: Path, resume: bool):
-        bad = online_dpo_problems(cfg)
-        if bad:
-            raise ValidationError("online DPO", [Problem(k, m, "config") for k, m in bad])
+        check_online_dpo(cfg)
         super().__init__(cfg, out_dir, resume)
         self.lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))
 
