@@ -91,6 +91,11 @@ class FeedbackConfig:
                            non_negative)
     principle_position: Literal["before", "after"] = option(
         "before", "principle before the options (paper) or after them (more prefix sharing)")
+    principle_weights: dict[str, float] = option(
+        help="relative sampling weight of comparison principles by id (the rest weigh 1; 0 "
+        "leaves one out), e.g. {harmless-not-evasive: 3}", factory=dict,
+        check=lambda v: next((f"weight of {k!r} must be >= 0, got {w!r}" for k, w in v.items()
+                              if not w >= 0), None))
     cot_clamp: list[float] = option(help="CoT probabilities are clamped to [lo, hi]",
                                     factory=lambda: [0.4, 0.6])
     cot_max_tokens: int = option(256, "reasoning tokens sampled in CoT mode", positive)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -125,15 +126,33 @@ class Constitution:
         rng = random.Random(f"critique|{seed}|{key}|{round}")
         return rng.choice(self.critique_revision)
 
-    def sample_comparison(self, seed: int, key: str, aspect: str, k: int = 1
+    def sample_comparison(self, seed: int, key: str, aspect: str, k: int = 1,
+                          weights: Mapping[str, float] | None = None
                           ) -> list[ComparisonPrinciple]:
-        """`k` principles of `aspect` for comparison `key`, drawn with replacement."""
+        """`k` principles of `aspect` for comparison `key`, drawn with replacement; `weights`
+        (by principle id, the rest 1) makes some likelier. Equal weights draw exactly as none."""
         pool = self.principles(aspect)
         if not pool:
             raise ValueError(f"constitution {self.name!r} has no {aspect!r} comparison "
                              "principles")
         rng = random.Random(f"compare|{seed}|{key}|{aspect}")
-        return [rng.choice(pool) for _ in range(k)]
+        w = [float((weights or {}).get(p.id, 1.0)) for p in pool]
+        if len(set(w)) == 1:
+            return [rng.choice(pool) for _ in range(k)]
+        if not sum(w) > 0:
+            raise ValueError(f"every {aspect!r} principle of {self.name!r} weighs 0")
+        return rng.choices(pool, weights=w, k=k)
+
+    def weight_problems(self, weights: Mapping[str, float]) -> list[str]:
+        """What is wrong with principle weights for this constitution (unknown ids, an aspect
+        left with no weight)."""
+        ids = {p.id for p in self.comparison}
+        out = [f"no comparison principle {k!r} in constitution {self.name!r} (it has: "
+               f"{', '.join(sorted(ids))})" for k in weights if k not in ids]
+        for aspect in sorted({p.aspect for p in self.comparison}):
+            if not any(weights.get(p.id, 1.0) > 0 for p in self.principles(aspect)):
+                out.append(f"every {aspect!r} principle weighs 0")
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False, allow_unicode=True, width=100)

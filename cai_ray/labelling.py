@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cai_ray.config import Config
-from cai_ray.constitution import ComparisonExample, Constitution, CotComparisonExample
+from cai_ray.constitution import (
+    ComparisonExample,
+    ComparisonPrinciple,
+    Constitution,
+    CotComparisonExample,
+)
 from cai_ray.messages import ChatMessage
 
 OPTION_A, OPTION_B = " (A)", " (B)"
@@ -158,17 +163,23 @@ class Labeller:
     def __init__(self, cfg: Config, constitution: Constitution):
         self.cfg, self.c, self.f = cfg, constitution, cfg.feedback
 
+    def principles(self, key: str, aspect: str) -> list[ComparisonPrinciple]:
+        """The `feedback.num_principles` principles comparison `key` is judged under."""
+        return self.c.sample_comparison(self.cfg.run.seed, key, aspect, self.f.num_principles,
+                                        self.f.principle_weights)
+
     def queries(self, key: str, convo: list[dict[str, str]], a: str, b: str, aspect: str
                 ) -> list[JudgeQuery]:
         f, seed = self.f, self.cfg.run.seed
         pool = [ex for ex in (self.c.few_shot.cot_comparison if f.method == "cot"
                               else self.c.few_shot.comparison) if ex.aspect == aspect]
         pool = pool[:f.few_shot]
-        shot_principles = [self.c.sample_comparison(seed, f"{key}|shot{j}", aspect)[0].text
+        shot_principles = [self.c.sample_comparison(seed, f"{key}|shot{j}", aspect,
+                                                   weights=f.principle_weights)[0].text
                            for j in range(len(pool))]
         shots = tuple(render_shots(pool, shot_principles, f.principle_position))
         out = []
-        for k, pr in enumerate(self.c.sample_comparison(seed, key, aspect, f.num_principles)):
+        for k, pr in enumerate(self.principles(key, aspect)):
             orders = [(a, b), (b, a)] if f.both_orders else [(a, b)]
             for o, (x, y) in enumerate(orders):
                 out.append(JudgeQuery(f"{key}|{k}|{o}", question(convo, pr.text, x, y,

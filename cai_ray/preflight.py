@@ -44,6 +44,8 @@ def check_constitution(cfg: Config) -> list[Problem]:
     if not c.principles("harmless"):
         out.append(Problem("run.constitution", f"{path} has no comparison principles with aspect "
                            "'harmless' (needed by the labelling stage)"))
+    out += [Problem("feedback.principle_weights", m)
+            for m in c.weight_problems(cfg.feedback.principle_weights)]
     return out
 
 

@@ -82,8 +82,7 @@ def label_shard(lab: Labeller, fb: ActorGroup[FeedbackWorker], prompts: list[Pro
     for p, (a, b), qs, (fa, fb_) in zip(prompts, pairs, per_pair, done, strict=True):
         p_a, dis = lab.fold(probs[i:i + len(qs)])
         i += len(qs)
-        ids = [pr.id for pr in lab.c.sample_comparison(lab.cfg.run.seed, p.id, aspect,
-                                                        lab.f.num_principles)]
+        ids = [pr.id for pr in lab.principles(p.id, aspect)]
         rows.append({"id": p.id, "prompt_id": p.id, "prompt": p.text, "messages": p.messages,
                      "response_a": a, "response_b": b, "p_a": p_a, "principle_ids": ids,
                      "order_disagreement": dis, "method": lab.f.method, "aspect": aspect,

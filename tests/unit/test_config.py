@@ -67,6 +67,8 @@ def test_every_problem_reported_at_once_with_path_and_source(tmp_path: Path) -> 
     ("trainer.dtype=fp16", "trainer.dtype", "one of 'float32', 'bfloat16'"),
     ("run.call_timeout_s=true", "run.call_timeout_s", "expected a number"),
     ("placement.rollout.num_actors=2.5", "placement.rollout.num_actors", "expected an integer"),
+    ("feedback.principle_weights={harmless-not-evasive: -1}", "feedback.principle_weights",
+     "'harmless-not-evasive' must be >= 0"),
 ])
 def test_impossible_values(override: str, path: str, fragment: str) -> None:
     probs = problems_of(None, [override])
@@ -142,3 +144,14 @@ def test_eval_judge_elo_takes_aspects_only() -> None:
     assert load_config(None, ["eval.judge_elo=[helpful]"]).eval.judge_elo == ["helpful"]
     with pytest.raises(ValidationError, match=r"eval\.judge_elo\[1\].*'harmful' is not an aspect"):
         load_config(None, ["eval.judge_elo=[helpful,harmful]"])
+
+
+def test_principle_weights_are_checked_against_the_constitution() -> None:
+    probs = problems_of(None, ["feedback.principle_weights={harmless-not-evasiv: 3}"],
+                        check_env=True)
+    bad = [p for p in probs if p.path == "feedback.principle_weights"]
+    assert len(bad) == 1 and "'harmless-not-evasiv'" in bad[0].message
+    assert "harmless-not-evasive" in bad[0].message  # what is allowed
+    cfg = load_config(None, ["feedback.principle_weights={harmless-not-evasive: 3}"],
+                      check_env=True)
+    assert cfg.feedback.principle_weights == {"harmless-not-evasive": 3.0}

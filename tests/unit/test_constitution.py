@@ -124,3 +124,27 @@ def test_import_errors_name_file_and_entry(tmp_path: Path) -> None:
     g.write_text("{not json")
     with pytest.raises(ValidationError, match="invalid JSON at line 1"):
         import_constitution("hf", [g])
+
+
+def test_principle_weights_change_the_draws_and_equal_weights_do_not(default) -> None:
+    def draws(weights=None):
+        return [default.sample_comparison(0, f"c:{i}", "harmless", 1, weights)[0].id
+                for i in range(600)]
+    plain = draws()
+    assert draws({"harmless-not-evasive": 1.0}) == plain  # weight 1 = no weight
+    every = {p.id: 2.5 for p in default.principles("harmless")}
+    assert draws(every) == plain  # equal weights draw exactly as none
+    n = len(default.principles("harmless"))
+    favoured = draws({"harmless-not-evasive": 10.0, "less-harmful-general": 0.0})
+    share = favoured.count("harmless-not-evasive") / len(favoured)
+    assert abs(share - 10 / (n + 8)) < 0.06  # 10 of (n - 2) + 10 + 0
+    assert "less-harmful-general" not in favoured
+    assert plain.count("harmless-not-evasive") / len(plain) < 0.12  # the control: ~1/n
+
+
+def test_principle_weight_problems_name_the_id_and_the_aspect(default) -> None:
+    assert default.weight_problems({"harmless-not-evasive": 3.0}) == []
+    bad = default.weight_problems({"no-such-principle": 2.0})
+    assert len(bad) == 1 and "no-such-principle" in bad[0] and "harmless-not-evasive" in bad[0]
+    zero = default.weight_problems({p.id: 0.0 for p in default.principles("helpful")})
+    assert zero == ["every 'helpful' principle weighs 0"]
