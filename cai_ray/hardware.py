@@ -178,3 +178,31 @@ def resolve_dtypes(cfg: Any, device: str | None = None) -> list[str]:
         setattr(node, leaf, dtype)
     _log_choice(dtype, reason, ", ".join(paths))
     return paths
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (0 where /proc is not there)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def release_freed_memory() -> tuple[int, int]:
+    """Collect garbage, then hand glibc's freed heap pages back to the OS (`malloc_trim`), as
+    after a checkpoint save, whose staging buffers are freed but stay resident otherwise.
+    Returns (RSS before, RSS after); a libc without malloc_trim only collects."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    before = rss_bytes()
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = getattr(libc, "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+    except OSError:
+        pass
+    return before, rss_bytes()

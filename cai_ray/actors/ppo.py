@@ -48,7 +48,7 @@ from cai_ray.actors.weight_sync import publish as publish_buckets
 from cai_ray.algorithms.masked import masked_mean
 from cai_ray.algorithms.ppo import behaviour_weights, kl_penalty, policy_loss, value_loss
 from cai_ray.config import Config, ModelSpec, PPOConfig, TrainerConfig
-from cai_ray.hardware import torch_dtype
+from cai_ray.hardware import release_freed_memory, torch_dtype
 from cai_ray.messages import Experience, PolicyForward, PPOStats
 from cai_ray.runtime import role_group
 
@@ -322,6 +322,9 @@ class PPOTrainerWorker(TrainerWorker):
         if self.critic is not None:
             self.critic.save_checkpoint(str(Path(path) / "critic"), tag="state",
                                         save_latest=False)
+        before, after = release_freed_memory()
+        log.info("checkpoint saved; trainer RSS %.2f GB, %.2f GB after releasing freed memory",
+                 before / 1e9, after / 1e9)
         return path
 
     def load_checkpoint(self, path: str) -> int:
