@@ -80,6 +80,22 @@ def prepare_run_dir(cfg: Config, output: str | Path) -> Path:
     return out
 
 
+class _AuthDefaultFilter(logging.Filter):
+    """Drops Ray's warning that a new local cluster turned token authentication on by itself
+    (the default; RAY_AUTH_MODE=disabled opts out): a notice at every start, not a problem.
+    Ray's other authentication warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray")
+
+
+def quiet_auth_default() -> None:
+    lg = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _AuthDefaultFilter) for f in lg.filters):
+        lg.addFilter(_AuthDefaultFilter())
+        log.debug("Ray's token-authentication default notice is filtered out")
+
+
 @contextmanager
 def ray_session(cfg: Config) -> Iterator[None]:
     """Start (or join) Ray unless the run is in local mode; shut it down afterwards."""
@@ -94,6 +110,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
         pkg_root = str(Path(__file__).resolve().parent.parent)
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_root,
                                                            os.environ.get("PYTHONPATH")]))}
+        quiet_auth_default()
         ray.init(address=cfg.run.ray_address, num_cpus=cfg.run.ray_num_cpus
                  if cfg.run.ray_address is None else None,
                  include_dashboard=False, runtime_env={"env_vars": env},

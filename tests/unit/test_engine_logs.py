@@ -230,3 +230,39 @@ def test_loading_a_model_in_an_actor_draws_no_weights_bar(mode: str, tiny_model_
     finally:
         hf_logging.enable_progress_bar()
     assert ("Loading weights" in capfd.readouterr().err) is (mode == "control")
+
+
+RAY_START = """
+import os, sys
+from cai_ray.config import load_config
+from cai_ray.runtime import ray_session
+os.environ.pop("RAY_AUTH_MODE", None)
+os.environ.pop("RAY_ADDRESS", None)
+if sys.argv[1] == "ours":
+    with ray_session(load_config(None, ["run.ray_num_cpus=1"])):
+        print("auth", os.environ.get("RAY_AUTH_MODE"))
+else:  # what ray_session runs, bare
+    import ray
+    ray.init(num_cpus=1, include_dashboard=False)
+    ray.shutdown()
+"""
+
+
+@pytest.mark.slow  # ~10 s each: a Ray cluster starts
+@pytest.mark.parametrize("mode", ["ours", "control"])
+def test_a_new_local_ray_cluster_starts_without_the_auth_mode_warning(mode: str,
+                                                                      tmp_path) -> None:
+    """A new local cluster keeps Ray's default (token authentication) without Ray's warning
+    about choosing it on the console. Control: a bare `ray.init` prints it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["HOME"] = str(tmp_path)  # a fresh ~/.ray: no auth token yet, as on a new machine
+    p = subprocess.run([sys.executable, "-c", RAY_START, mode], capture_output=True, text=True,
+                       timeout=180, env=env)
+    assert p.returncode == 0, p.stderr
+    assert ("Token authentication is enabled" in p.stderr) is (mode == "control"), p.stderr
+    if mode == "ours":
+        assert "auth token" in p.stdout  # Ray still turned token authentication on
