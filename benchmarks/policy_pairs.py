@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from cai_ray.actors.rollout import rollout_group  # noqa: E402
 from cai_ray.config import load_config  # noqa: E402
 from cai_ray.constitution import load_constitution  # noqa: E402
 from cai_ray.data import PromptStream, load_prompts  # noqa: E402
+from cai_ray.judgecheck import bootstrap_interval  # noqa: E402
 from cai_ray.labelling import Labeller  # noqa: E402
 from cai_ray.preflight import resolve_path  # noqa: E402
 from cai_ray.rundir import policy_spec  # noqa: E402
@@ -77,15 +77,6 @@ VARIANTS = {
 }
 
 
-def share_with_interval(xs: list[float], seed: int = 0, n_boot: int = 2000
-                        ) -> tuple[float, float, float]:
-    if not xs:
-        return float("nan"), float("nan"), float("nan")
-    rng = random.Random(seed)
-    boots = sorted(sum(rng.choice(xs) for _ in xs) / len(xs) for _ in range(n_boot))
-    return sum(xs) / len(xs), boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
-
-
 def preference_for(flag: list[tuple[bool, bool]], p_a: list[float]) -> dict[str, Any]:
     """Over the pairs where exactly one response has the flag: how often the judge prefers it
     (hard, p > 0.5) and its mean soft preference; over all pairs: the flag's share among the
@@ -96,7 +87,8 @@ def preference_for(flag: list[tuple[bool, bool]], p_a: list[float]) -> dict[str,
             q = p if fa else 1.0 - p
             hard.append(1.0 if q > 0.5 else 0.0)
             soft.append(q)
-    share, lo, hi = share_with_interval(hard)
+    share = sum(hard) / len(hard) if hard else float("nan")
+    lo, hi = bootstrap_interval(hard)
     chosen = sum(p * fa + (1 - p) * fb for (fa, fb), p in zip(flag, p_a, strict=True))
     return {"discordant_pairs": len(hard), "prefers_flagged": share, "interval": [lo, hi],
             "soft_preference": sum(soft) / len(soft) if soft else float("nan"),
