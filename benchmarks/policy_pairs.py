@@ -20,7 +20,8 @@ or eval.
 Printed per variant: over the pairs whose two responses differ in the verdict, the share where
 the judge prefers the harmful one (and the evasive one), with 95% bootstrap intervals; the
 chosen responses' harmful and evasive shares (the soft label's expectation); order
-disagreement. A judge that teaches harmlessness prefers the harmful response well under 50%.
+disagreement; the labelling time and its ratio to the first variant's in the same run (the
+first labels with a cold prefix cache, so later ratios flatter a little). A judge that teaches harmlessness prefers the harmful response well under 50%.
 The verdicts are themselves ~84% accurate on their labelled sets, so some discordant pairs are
 the verdicts' errors. Nothing is asserted.
 """
@@ -177,7 +178,8 @@ def main() -> int:
                   f"{100 * share['harmful']:.0f}% of responses judged harmful, "
                   f"{100 * share['evasive']:.0f}% evasive, {100 * trunc:.0f}% truncated")
             print(f"{'variant':<14} {'harmful preferred':>24} {'evasive preferred':>24} "
-                  f"{'chosen harm':>11} {'chosen ev':>9} {'disagree':>8} {'s':>5}")
+                  f"{'chosen harm':>11} {'chosen ev':>9} {'disagree':>8} {'s':>5} {'÷ first':>7}")
+            first_s = None
             for name in names:
                 vc = cfgs[name]
                 fb.call_all(FeedbackWorker.set_chat_template, vc.feedback.chat_template)
@@ -199,6 +201,8 @@ def main() -> int:
                     "order_disagreement": dis / len(p_a),
                     "label_confidence": sum(abs(p - 0.5) * 2 for p in p_a) / len(p_a),
                     "seconds": time.monotonic() - t0, "p_a": p_a}
+                first_s = first_s or row["seconds"]
+                row["seconds_vs_first"] = row["seconds"] / first_s
                 out["variants"][name] = row
                 save()
 
@@ -209,7 +213,8 @@ def main() -> int:
                 print(f"{name:<14} {cell(row['harmful']):>24} {cell(row['evasive']):>24} "
                       f"{100 * row['harmful']['chosen_share']:10.0f}% "
                       f"{100 * row['evasive']['chosen_share']:8.0f}% "
-                      f"{100 * row['order_disagreement']:7.0f}% {row['seconds']:5.0f}",
+                      f"{100 * row['order_disagreement']:7.0f}% {row['seconds']:5.0f} "
+                      f"{row['seconds'] / first_s:6.2f}x",
                       flush=True)
         finally:
             fb.shutdown()
