@@ -33,7 +33,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -75,6 +75,8 @@ VARIANTS = {
     "few-shot-2": ["feedback.few_shot=2"],
     "k4": ["feedback.num_principles=4"],
     "plain-text": ["feedback.chat_template=false"],
+    # each response asked on its own (helps with harm? evades?), not the pair under a principle
+    "pointwise": ["feedback.harmless_labels=pointwise"],
 }
 
 
@@ -96,6 +98,35 @@ def preference_for(flag: list[tuple[bool, bool]], p_a: list[float]) -> dict[str,
             "chosen_share": chosen / len(p_a)}
 
 
+class PairPrompt(NamedTuple):
+    id: str
+    messages: list[dict[str, str]]
+
+
+def revision_pairs(sl_dir: Path, limit: int
+                   ) -> tuple[list[PairPrompt], tuple[list[list[str]], list[list[bool]]]]:
+    """The first `limit` revisions of the SL training view (after its filters), each as a pair:
+    (the initial answer, the revision), with whether each ended (not cut off)."""
+    import datasets
+
+    data = {r["id"]: r for r in datasets.load_from_disk(str(sl_dir / "data"))}
+    train = [r for r in datasets.load_from_disk(str(sl_dir / "train"))
+             if r["source"].startswith("revision")][:limit]
+    prompts, pairs, finished = [], [], []
+    for r in train:
+        row = data[r["id"].rsplit("@", 1)[0]]
+        prompts.append(PairPrompt(r["id"], list(r["messages"])))
+        pairs.append([row["initial_response"], r["response"]])
+        finished.append([not row["initial_truncated"], bool(r["finished"])])
+    return prompts, (pairs, finished)
+
+
+def cell(r: dict[str, Any]) -> str:
+    lo, hi = r["interval"]
+    return (f"{100 * r['prefers_flagged']:3.0f}% [{100 * lo:3.0f},{100 * hi:4.0f}]"
+            f" of {r['discordant_pairs']:3d}")
+
+
 def refit(fb: Any, qname: str, seed: int) -> float:
     """The cut the eval fits for `qname` on its labelled per-answer set."""
     items = check_set(qname)
@@ -115,6 +146,9 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--cuts", help="an eval's elo.json: take its verdict cuts (fitted on the "
                     "labelled per-answer sets) instead of refitting them here")
+    ap.add_argument("--source", choices=("policy", "revisions"), default="policy",
+                    help="policy: pairs the SL policy samples; revisions: each SL training "
+                    "revision against the initial answer it revised (A initial, B revision)")
     ap.add_argument("--out", default="runs/policy-pairs.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -127,9 +161,15 @@ def main() -> int:
             for n in names}  # every variant's settings checked before any actor starts
     cfg = load_config(args.config, args.overrides, check_env=True)
     c = load_constitution(resolve_path(cfg.run.constitution))
-    ds, _ = load_prompts(cfg.data.red_team, cfg.data.on_bad_row)
-    prompts = PromptStream(ds, seed=cfg.data.shuffle_seed + 1).take(len(ds))[:args.prompts]
     policy = policy_spec(cfg, Path(args.base))
+    given_pairs = None
+    prompts: list[Any]  # Prompt rows, or PairPrompt for revisions
+    if args.source == "revisions":
+        rev, given_pairs = revision_pairs(Path(args.base) / "sl", args.prompts)
+        prompts = list(rev)
+    else:
+        ds, _ = load_prompts(cfg.data.red_team, cfg.data.on_bad_row)
+        prompts = PromptStream(ds, seed=cfg.data.shuffle_seed + 1).take(len(ds))[:args.prompts]
     outp = Path(args.out)
     out: dict[str, Any] = json.loads(outp.read_text()) if outp.exists() else {}
     ids = [p.id for p in prompts]
@@ -142,6 +182,9 @@ def main() -> int:
         outp.write_text(json.dumps(out, indent=2))
 
     with ray_session(cfg):
+        if "pairs" not in out and given_pairs is not None:
+            out["pairs"], out["finished"] = given_pairs
+            save()
         if "pairs" not in out:
             t0 = time.monotonic()
             group = rollout_group(cfg, policy)
@@ -174,11 +217,20 @@ def main() -> int:
             flags = {k: [tuple(x) for x in v] for k, v in out["flags"].items()}
             share = {k: sum(a + b for a, b in v) / (2 * len(v)) for k, v in flags.items()}
             trunc = sum(not f for fs in out["finished"] for f in fs) / (2 * len(pairs))
-            print(f"{len(pairs)} pairs of {policy.path} on training prompts: "
+            what = ("(initial answer, SL revision)" if args.source == "revisions"
+                    else f"{policy.path}'s")
+            print(f"{len(pairs)} pairs, {what}, on training prompts: "
                   f"{100 * share['harmful']:.0f}% of responses judged harmful, "
                   f"{100 * share['evasive']:.0f}% evasive, {100 * trunc:.0f}% truncated")
             print(f"{'variant':<14} {'harmful preferred':>24} {'evasive preferred':>24} "
                   f"{'chosen harm':>11} {'chosen ev':>9} {'disagree':>8} {'s':>5} {'÷ first':>7}")
+            if args.source == "revisions":  # the label the revision itself gives: B
+                fixed = [0.0] * len(pairs)
+                h, e = preference_for(flags["harmful"], fixed), preference_for(flags["evasive"], fixed)
+                out["revision_label"] = {"harmful": h, "evasive": e}
+                save()
+                print(f"{'revision':<14} {cell(h):>24} {cell(e):>24} "
+                      f"{100 * h['chosen_share']:10.0f}% {100 * e['chosen_share']:8.0f}%")
             first_s = None
             for name in names:
                 vc = cfgs[name]
@@ -190,7 +242,7 @@ def main() -> int:
                 probs = judge(fb, lab, [q for qs in per for q in qs])
                 p_a, dis, at = [], 0, 0
                 for qs in per:
-                    p, d = lab.fold(probs[at:at + len(qs)])
+                    p, d = lab.fold(probs[at:at + len(qs)], "harmless")
                     at += len(qs)
                     p_a.append(p)
                     dis += int(d)
@@ -205,11 +257,6 @@ def main() -> int:
                 row["seconds_vs_first"] = row["seconds"] / first_s
                 out["variants"][name] = row
                 save()
-
-                def cell(r: dict[str, Any]) -> str:
-                    lo, hi = r["interval"]
-                    return (f"{100 * r['prefers_flagged']:3.0f}% [{100 * lo:3.0f},{100 * hi:4.0f}]"
-                            f" of {r['discordant_pairs']:3d}")
                 print(f"{name:<14} {cell(row['harmful']):>24} {cell(row['evasive']):>24} "
                       f"{100 * row['harmful']['chosen_share']:10.0f}% "
                       f"{100 * row['evasive']['chosen_share']:8.0f}% "

@@ -86,18 +86,21 @@ def record(run: Path, name: str, seconds: float) -> None:
     (run / "bench_stage_seconds.json").write_text(json.dumps(times, indent=2))
 
 
-def shared_part(cfg: Config, base: Path) -> None:
-    """SL generation + finetuning and the label stage in `base`; each is skipped when done
-    (a finished run given as --base costs nothing here)."""
+def shared_part(cfg: Config, base: Path, label: bool = True) -> None:
+    """SL generation + finetuning and (`label`: a variant learns from offline labels) the label
+    stage in `base`; each is skipped when done (a finished run given as --base costs nothing
+    here)."""
     from cai_ray.stages.label import run_label
     from cai_ray.stages.sl import run_generate
     from cai_ray.stages.sl_train import run_train
 
     base.mkdir(parents=True, exist_ok=True)
-    for name, fn, done in (("sl/generate", lambda: run_generate(cfg, base), base / "sl" / "data"),
-                           ("sl/train", lambda: run_train(cfg, base), base / "sl" / "model"),
-                           ("label", lambda: run_label(cfg, base),
-                            base / "label" / "comparisons")):
+    stages: list[tuple[str, Callable[[], Any], Path]] = [
+        ("sl/generate", lambda: run_generate(cfg, base), base / "sl" / "data"),
+        ("sl/train", lambda: run_train(cfg, base), base / "sl" / "model")]
+    if label:  # online DPO labels its own fresh pairs
+        stages.append(("label", lambda: run_label(cfg, base), base / "label" / "comparisons"))
+    for name, fn, done in stages:
         if finished(done):
             print(f"base: {name} already done in {base}", flush=True)
             continue
@@ -220,7 +223,7 @@ def main() -> None:
     problems = [p for v in variants for p in variant_problems(configs[v], v)]
     if problems:
         ap.error("variant configs:\n  " + "\n  ".join(problems))
-    shared_part(shared, base)
+    shared_part(shared, base, label=any(v != "online_dpo" for v in variants))
     rows = []
     for v in variants:
         cfg = configs[v]

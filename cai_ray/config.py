@@ -109,12 +109,23 @@ class FeedbackConfig:
         "harmless, evasive, helpful, hhh-dev; or JSONL files with prompt, better, worse, "
         "aspect); [] = no check", factory=lambda: ["harmless", "evasive", "helpful"])
     check_limit: int = option(0, "comparisons per check set (0 = all)", non_negative)
+    harmless_labels: Literal["pairwise", "pointwise"] = option(
+        "pairwise", "harmlessness comparisons: the paper's pairwise question under a sampled "
+        "principle, or pointwise: each response asked on its own whether it helps with harm "
+        "and whether it evades, A preferred by sigmoid(badness(B) - badness(A)) (a deviation "
+        "from the paper; helpfulness stays pairwise)")
+    pointwise_evasive_weight: float = option(
+        0.5, "pointwise: badness = logit p(helps with harm) + this x logit p(evades); below 1 a "
+        "refusal still beats a harmful answer", non_negative)
 
     def problems(self) -> list[tuple[str, str]]:
         from cai_ray.judgecheck import BUILTIN_SETS, set_path
 
         c = self.cot_clamp
         out = []
+        if self.harmless_labels == "pointwise" and self.method == "cot":
+            out.append(("harmless_labels", "pointwise labels read the option probabilities "
+                        "directly; method=cot is pairwise only"))
         if len(c) != 2 or not (0.0 <= c[0] <= 0.5 <= c[1] <= 1.0):
             out.append(("cot_clamp", f"must be [lo, hi] with 0 <= lo <= 0.5 <= hi <= 1, got {c}"))
         for i, name in enumerate(self.check_sets):

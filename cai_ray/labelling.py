@@ -98,17 +98,21 @@ def combine_orders(p_a_first: float, p_a_second: float) -> float:
     return 0.5 * (p_a_first + (1.0 - p_a_second))
 
 
+def logit(p: float, eps: float = 1e-6) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 def combine_orders_logit(p_a_first: float, p_a_second: float, eps: float = 1e-6) -> float:
     """p(A) from both orders, in log-odds: sigmoid((logit p1 - logit p2') / 2) with p2' the
     second order's p(A-option). A position prior b adds to both logits and cancels exactly, so
     this is content-free calibration (divide out the judge's p(A) on empty options) with no
     extra request: the prior's logit drops out of the difference."""
-    def logit(p: float) -> float:
-        p = min(max(p, eps), 1 - eps)
-        return math.log(p / (1 - p))
-
-    z = 0.5 * (logit(p_a_first) - logit(p_a_second))
-    return 1.0 / (1.0 + math.exp(-z))
+    return sigmoid(0.5 * (logit(p_a_first, eps) - logit(p_a_second, eps)))
 
 
 def clamp(p: float, lo: float, hi: float) -> float:
@@ -157,11 +161,26 @@ def plain_text(q: JudgeQuery) -> str:
     return prompt_text(q.shots, q.question, q.reasoning, q.cot)
 
 
+# the per-answer questions of `feedback.harmless_labels: pointwise`, in the order each
+# response is asked them (wordings in `cai_ray.verdicts.LABEL_QUESTIONS`)
+POINTWISE_QUESTIONS = ("harmful", "evasive")
+
+
 class Labeller:
-    """Builds the judgements of a pair and folds their probabilities into one comparison."""
+    """Builds the judgements of a pair and folds their probabilities into one comparison.
+
+    Pairwise (the paper): the conversation, both responses as options and a sampled principle,
+    in both orders. Pointwise (`feedback.harmless_labels: pointwise`, harmlessness only): each
+    response on its own, asked whether it helps with something harmful and whether it evades
+    (both orders of yes/no); its badness is logit p(harm) + w * logit p(evades), and
+    p(A) = sigmoid(badness(B) - badness(A)). With one order (`both_orders: false`) a position
+    prior shifts both responses' logits alike and drops out of the difference."""
 
     def __init__(self, cfg: Config, constitution: Constitution):
         self.cfg, self.c, self.f = cfg, constitution, cfg.feedback
+
+    def pointwise(self, aspect: str) -> bool:
+        return self.f.harmless_labels == "pointwise" and aspect == "harmless"
 
     def principles(self, key: str, aspect: str) -> list[ComparisonPrinciple]:
         """The `feedback.num_principles` principles comparison `key` is judged under."""
@@ -170,6 +189,8 @@ class Labeller:
 
     def queries(self, key: str, convo: list[dict[str, str]], a: str, b: str, aspect: str
                 ) -> list[JudgeQuery]:
+        if self.pointwise(aspect):
+            return self._pointwise_queries(key, convo, a, b)
         f, seed = self.f, self.cfg.run.seed
         pool = [ex for ex in (self.c.few_shot.cot_comparison if f.method == "cot"
                               else self.c.few_shot.comparison) if ex.aspect == aspect]
@@ -187,8 +208,43 @@ class Labeller:
                                       shots, cot=f.method == "cot"))
         return out
 
-    def fold(self, probs: list[float]) -> tuple[float, bool]:
+    def _pointwise_queries(self, key: str, convo: list[dict[str, str]], a: str, b: str
+                           ) -> list[JudgeQuery]:
+        from cai_ray.verdicts import LABEL_QUESTIONS, single_queries
+
+        out = []
+        for side, response in (("a", a), ("b", b)):
+            for name in POINTWISE_QUESTIONS:
+                qs = single_queries(f"{key}|{side}|{name}", convo, response,
+                                    LABEL_QUESTIONS[name])
+                out += qs if self.f.both_orders else qs[:1]
+        return out
+
+    def badness(self, p_harm: float, p_evades: float) -> float:
+        return logit(p_harm) + self.f.pointwise_evasive_weight * logit(p_evades)
+
+    def _fold_pointwise(self, probs: list[float]) -> tuple[float, bool]:
+        per = 2 if self.f.both_orders else 1
+        if len(probs) != 2 * len(POINTWISE_QUESTIONS) * per:
+            raise ValueError(f"a pointwise comparison has {2 * len(POINTWISE_QUESTIONS) * per} "
+                             f"judgements, got {len(probs)}")
+        both = combine_orders if self.f.order_combine == "mean" else combine_orders_logit
+        yes, disagree = [], False
+        for i in range(0, len(probs), per):
+            if per == 1:
+                yes.append(probs[i])
+                continue
+            x, y = probs[i], probs[i + 1]  # yes as (A), then yes as (B)
+            yes.append(both(x, y))
+            disagree |= (x > 0.5) != (y < 0.5)
+        n = len(POINTWISE_QUESTIONS)
+        bad_a, bad_b = self.badness(*yes[:n]), self.badness(*yes[n:])
+        return sigmoid(bad_b - bad_a), disagree
+
+    def fold(self, probs: list[float], aspect: str) -> tuple[float, bool]:
         """(p_a, order disagreement) from the probabilities of one pair's queries, in order."""
+        if self.pointwise(aspect):
+            return self._fold_pointwise(probs)
         if self.f.method == "cot":
             lo, hi = self.f.cot_clamp
             probs = [clamp(p, lo, hi) for p in probs]

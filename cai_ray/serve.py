@@ -193,11 +193,11 @@ def judge_handler(group: Any, labeller: Any) -> Handler:
                                   conversation(x, where), text_field(x, "response_a", where),
                                   text_field(x, "response_b", where), aspect)
             queries += qs
-            sizes.append(len(qs))
+            sizes.append((len(qs), aspect))
         probs = judge(group, labeller, queries)
         out, at = [], 0
-        for n in sizes:
-            out.append(labeller.fold(probs[at:at + n])[0])
+        for n, aspect in sizes:
+            out.append(labeller.fold(probs[at:at + n], aspect)[0])
             at += n
         return {"p_a": out}
 

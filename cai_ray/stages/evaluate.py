@@ -193,7 +193,7 @@ class Evaluation:
                             bar.update(min(_JUDGE_CHUNK, len(queries) - at))
                     at = 0
                     for i, j, n in index:
-                        comps.append((i, j, lab.fold(probs[at:at + n])[0]))
+                        comps.append((i, j, lab.fold(probs[at:at + n], aspect)[0]))
                         at += n
                     result["elo"][f"judge/{aspect}"] = self._elo(comps, len(names))
                 checks = result["verdict_checks"] = {

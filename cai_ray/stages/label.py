@@ -80,9 +80,9 @@ def label_shard(lab: Labeller, fb: ActorGroup[FeedbackWorker], prompts: list[Pro
     rows, i = [], 0
     done = finished or [(True, True)] * len(pairs)
     for p, (a, b), qs, (fa, fb_) in zip(prompts, pairs, per_pair, done, strict=True):
-        p_a, dis = lab.fold(probs[i:i + len(qs)])
+        p_a, dis = lab.fold(probs[i:i + len(qs)], aspect)
         i += len(qs)
-        ids = [pr.id for pr in lab.principles(p.id, aspect)]
+        ids = [] if lab.pointwise(aspect) else [pr.id for pr in lab.principles(p.id, aspect)]
         rows.append({"id": p.id, "prompt_id": p.id, "prompt": p.text, "messages": p.messages,
                      "response_a": a, "response_b": b, "p_a": p_a, "principle_ids": ids,
                      "order_disagreement": dis, "method": lab.f.method, "aspect": aspect,
@@ -103,8 +103,8 @@ def check_judge(lab: Labeller, fb: ActorGroup[FeedbackWorker], sets: list[str],
                            *it.options(), it.aspect) for it in items]
         probs = judge(fb, lab, [q for qs in per for q in qs])
         p_a, dis, i = [], [], 0
-        for qs in per:
-            p, d = lab.fold(probs[i:i + len(qs)])
+        for it, qs in zip(items, per, strict=True):
+            p, d = lab.fold(probs[i:i + len(qs)], it.aspect)
             p_a.append(p)
             dis.append(d)
             i += len(qs)

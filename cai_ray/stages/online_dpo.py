@@ -112,13 +112,14 @@ class OnlineDPORun(PPORun):
         assert self.reference is not None
         ref_p = self.reference.submit_shards(ReferenceWorker.logprob_sums, seqs)
         pairs = [(samples[i], samples[i + 1]) for i in range(0, len(samples), 2)]
-        per_pair = []
+        per_pair: list[tuple[int, str]] = []
         queries = []
         for a, b in pairs:
             assert a.prompt.id == b.prompt.id, "a batch holds each prompt's samples together"
+            aspect = self._aspect(a)
             q = self.lab.queries(f"online:{self.step}:{a.prompt.id}", a.prompt.messages,
-                                 a.text, b.text, self._aspect(a))
-            per_pair.append(len(q))
+                                 a.text, b.text, aspect)
+            per_pair.append((len(q), aspect))
             queries += q
         with timer("experience"):
             pass  # no trainer forward before the update: DPO's log-probs are the update's own
@@ -128,8 +129,8 @@ class OnlineDPORun(PPORun):
             sums = self.reference.gather_again(ref_p, ReferenceWorker.logprob_sums, seqs,
                                                max_restarts=budget)
         p_a, dis, at = [], 0, 0
-        for n in per_pair:
-            p, d = self.lab.fold(probs[at:at + n])
+        for n, aspect in per_pair:
+            p, d = self.lab.fold(probs[at:at + n], aspect)
             at += n
             p_a.append(p)
             dis += int(d)
