@@ -74,3 +74,40 @@ def test_cot_reasoning_then_clamped_answer(judge) -> None:
                                                               reasoning=reason or "...")])
     c = clamp(p, 0.4, 0.6)
     assert 0.4 <= c <= 0.6 and (c == p or c in (0.4, 0.6))
+
+
+def test_pointwise_labels_score_each_response_on_its_own(judge) -> None:
+    """Pointwise p(A) comes from per-response scores, so on a real engine the pairs' log-odds
+    add up: logit p(R1, R3) = logit p(R1, R2) + logit p(R2, R3), and swapping a pair flips it.
+    Control: the paper's pairwise labels of the same pairs are not additive."""
+    from pathlib import Path
+
+    from cai_ray.config import load_config
+    from cai_ray.constitution import load_constitution
+    from cai_ray.labelling import Labeller, logit
+    from cai_ray.preflight import resolve_path
+
+    g, _ = judge
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "cpu-tiny.yaml"
+    r3 = "I can't help with that."
+
+    def labels(mode: str) -> dict[tuple[str, str], float]:
+        cfg = load_config(tiny, [f"feedback.harmless_labels={mode}", "feedback.few_shot=0"],
+                          check_env=False)
+        lab = Labeller(cfg, load_constitution(resolve_path(cfg.run.constitution)))
+        pairs = [(R1, R2), (R2, r3), (R1, r3), (R2, R1)]
+        per = [lab.queries("pw", CONVO, a, b, "harmless") for a, b in pairs]
+        probs = g.call(0, FeedbackWorker.choice_probs, [q for qs in per for q in qs])
+        out, at = {}, 0
+        for (a, b), qs in zip(pairs, per, strict=True):
+            out[(a, b)] = lab.fold(probs[at:at + len(qs)], "harmless")[0]
+            at += len(qs)
+        return out
+
+    def additivity_gap(p: dict[tuple[str, str], float]) -> float:
+        return abs(logit(p[(R1, r3)]) - logit(p[(R1, R2)]) - logit(p[(R2, r3)]))
+
+    pw = labels("pointwise")
+    assert additivity_gap(pw) < 1e-6
+    assert pw[(R2, R1)] == pytest.approx(1 - pw[(R1, R2)], abs=1e-9)
+    assert additivity_gap(labels("pairwise")) > 1e-4
