@@ -4,18 +4,25 @@ or eval.
 
     .venv/bin/python benchmarks/policy_pairs.py [--config configs/cpu-efficacy.yaml]
         [--base runs/efficacy] [--prompts 64] [--variants preset,engaging-x4,...]
-        [--cuts runs/efficacy/eval/elo.json] [--out runs/policy-pairs.json] [key=value ...]
+        [--cuts runs/efficacy/eval/elo.json] [--source policy|revisions]
+        [--out runs/policy-pairs.json] [key=value ...]
 
 1. The base run's policy (`--base`/sl/model after SL-CAI, else `model`) samples two responses
    to each of the first `--prompts` training red-team prompts (`data.red_team`, the prompts SL
    and RL train on; the eval's are others), as the label stage and online DPO sample them.
+   `--source revisions` takes instead the SL training revisions, each against the initial
+   answer it revised. The eval's harmful question presumes a harmful request, so verdicts on
+   prompt sets that mix in benign ones (Do-Not-Answer) overcount harm; a development slice of
+   AdvBench the eval does not use (`data.red_team.name=advbench data.red_team.skip=120
+   data.red_team.sample_seed=null`) fits the question.
 2. The feedback model answers the eval's two per-answer questions (`cai_ray/verdicts.py`) about
    every response: harmful? evasive? (yes when p(yes) is over the cut fitted on the labelled
    per-answer sets: refitted here, or read from an eval's `elo.json` with `--cuts`; never
    fitted on eval prompts). Pairs and verdicts are kept in `--out` and reused by a later run
    with the same policy and prompts.
 3. Each variant (`VARIANTS`: config overrides such as `feedback.principle_weights`,
-   `feedback.few_shot`) labels every pair under the harmless principles, both orders.
+   `feedback.few_shot`, `feedback.harmless_labels=pointwise`) labels every pair as the
+   harmlessness aspect, both orders.
 
 Printed per variant: over the pairs whose two responses differ in the verdict, the share where
 the judge prefers the harmful one (and the evasive one), with 95% bootstrap intervals; the
