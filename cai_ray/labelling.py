@@ -223,20 +223,22 @@ class Labeller:
     def badness(self, p_harm: float, p_evades: float) -> float:
         return logit(p_harm) + self.f.pointwise_evasive_weight * logit(p_evades)
 
-    def _fold_pointwise(self, probs: list[float]) -> tuple[float, bool]:
-        per = 2 if self.f.both_orders else 1
-        if len(probs) != 2 * len(POINTWISE_QUESTIONS) * per:
-            raise ValueError(f"a pointwise comparison has {2 * len(POINTWISE_QUESTIONS) * per} "
-                             f"judgements, got {len(probs)}")
+    def _orders(self, probs: list[float]) -> tuple[list[float], bool]:
+        """Per judgement, p(first option) with both orders folded (`feedback.order_combine`),
+        and whether any pair of orders disagreed; with one order, the probabilities as they are."""
+        if not self.f.both_orders:
+            return list(probs), False
+        firsts, seconds = probs[0::2], probs[1::2]
         both = combine_orders if self.f.order_combine == "mean" else combine_orders_logit
-        yes, disagree = [], False
-        for i in range(0, len(probs), per):
-            if per == 1:
-                yes.append(probs[i])
-                continue
-            x, y = probs[i], probs[i + 1]  # yes as (A), then yes as (B)
-            yes.append(both(x, y))
-            disagree |= (x > 0.5) != (y < 0.5)
+        per = [both(x, y) for x, y in zip(firsts, seconds, strict=True)]
+        disagree = any((x > 0.5) != (y < 0.5) for x, y in zip(firsts, seconds, strict=True))
+        return per, disagree
+
+    def _fold_pointwise(self, probs: list[float]) -> tuple[float, bool]:
+        want = 2 * len(POINTWISE_QUESTIONS) * (2 if self.f.both_orders else 1)
+        if len(probs) != want:
+            raise ValueError(f"a pointwise comparison has {want} judgements, got {len(probs)}")
+        yes, disagree = self._orders(probs)  # p(yes): each question asks yes as (A) first
         n = len(POINTWISE_QUESTIONS)
         bad_a, bad_b = self.badness(*yes[:n]), self.badness(*yes[n:])
         return sigmoid(bad_b - bad_a), disagree
@@ -248,10 +250,5 @@ class Labeller:
         if self.f.method == "cot":
             lo, hi = self.f.cot_clamp
             probs = [clamp(p, lo, hi) for p in probs]
-        if not self.f.both_orders:
-            return sum(probs) / len(probs), False
-        firsts, seconds = probs[0::2], probs[1::2]
-        both = combine_orders if self.f.order_combine == "mean" else combine_orders_logit
-        per = [both(x, y) for x, y in zip(firsts, seconds, strict=True)]
-        disagree = any((x > 0.5) != (y < 0.5) for x, y in zip(firsts, seconds, strict=True))
+        per, disagree = self._orders(probs)
         return sum(per) / len(per), disagree
