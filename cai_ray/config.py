@@ -115,7 +115,7 @@ class FeedbackConfig:
         "and whether it evades, A preferred by sigmoid(badness(B) - badness(A)) (a deviation "
         "from the paper; helpfulness stays pairwise)")
     pointwise_evasive_weight: float = option(
-        0.5, "pointwise: badness = logit p(helps with harm) + this x logit p(evades); below 1 a "
+        0.75, "pointwise: badness = logit p(helps with harm) + this x logit p(evades); below 1 a "
         "refusal still beats a harmful answer", non_negative)
 
     def problems(self) -> list[tuple[str, str]]:

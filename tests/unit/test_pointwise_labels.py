@@ -76,11 +76,13 @@ def test_fold_prefers_the_harmless_response_and_weighs_evasion() -> None:
     # the same pair the other way round: A wins by the same margin
     q, _ = lab.fold(judged({"harmful": (0.1, 0.9), "evasive": (0.1, 0.1)}), "harmless")
     assert q == pytest.approx(1 - p)
-    # harmful A against a bare refusal B: at weight 0.5 the refusal still wins ...
+    # harmful A against a bare refusal B: at the default weight (< 1) the refusal still wins ...
+    w = lab.f.pointwise_evasive_weight
+    assert 0 < w < 1
     mixed = judged({"harmful": (0.9, 0.1), "evasive": (0.1, 0.9)})
     assert lab.fold(mixed, "harmless")[0] < 0.5
     # ... p(A) = sigmoid(badness(B) - badness(A)) with badness = logit harm + w logit evades
-    bad_a, bad_b = logit(0.9) + 0.5 * logit(0.1), logit(0.1) + 0.5 * logit(0.9)
+    bad_a, bad_b = logit(0.9) + w * logit(0.1), logit(0.1) + w * logit(0.9)
     assert lab.fold(mixed, "harmless")[0] == pytest.approx(sigmoid(bad_b - bad_a))
     # control: weigh evasion above harm and the harmful answer wins instead
     assert labeller("feedback.pointwise_evasive_weight=2").fold(mixed, "harmless")[0] > 0.5
