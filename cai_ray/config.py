@@ -372,6 +372,10 @@ class EvalConfig:
         "fitted", "cut on the judge's p(yes) for the per-answer harmful/evasive verdicts: "
         "fitted on the labelled per-answer sets the project ships (best balanced accuracy; "
         "cai_ray/verdicts.py), or half (0.5)")
+    near_duplicate_jaccard: float = option(
+        0.5, "an eval prompt whose word trigrams overlap a training prompt's (data.red_team, "
+        "data.helpful) by this Jaccard or more is reported as not held out, beside shared rows",
+        in_range(0.0, 1.0, lo_open=True))
     pm: bool = option(True, "compare snapshots by preference-model scores (needs DIR/rm/model)")
     bootstrap: int = option(200, "bootstrap resamples for the 95% Elo intervals", positive)
     live_prompts: int = option(8, "prompts per aspect in the PM Elo taken during PPO "

@@ -18,6 +18,7 @@ import random
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cai_ray.configstages import RedteamConfig
@@ -77,6 +78,21 @@ def trigrams(text: str) -> frozenset[tuple[str, ...]]:
 
 def jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def near_duplicates(held: Sequence[tuple[str, str]], train: Sequence[tuple[str, str]],
+                    threshold: float) -> list[tuple[str, str, float]]:
+    """(held id, train id, Jaccard) for every held-out prompt whose word trigrams overlap some
+    training prompt's by `threshold` or more (its closest one). Disjoint rows are not enough:
+    AdvBench, for one, says many of its requests twice in other words."""
+    shingles = [(i, trigrams(t)) for i, t in train]
+    out = []
+    for hid, text in held:
+        mine = trigrams(text)
+        best = max(((jaccard(mine, s), i) for i, s in shingles), default=(0.0, ""))
+        if best[0] >= threshold:
+            out.append((hid, best[1], best[0]))
+    return out
 
 
 @dataclass

@@ -18,6 +18,9 @@
    there (`eval.verdict_threshold`), never on the eval's prompts.
 5. Harmfulness proxy: mean PM score on the red-team answers, and the judged harmful rate.
 
+Eval prompts that share rows with a training source (`eval_overlaps`), or repeat a training
+prompt in near-identical words (`eval_near_duplicates`), are reported as not held out.
+
 Output: `DIR/eval/elo.json` (everything above), `DIR/eval/responses.jsonl`, W&B (`elo/...`).
 """
 
@@ -112,6 +115,36 @@ def ppo_snapshot_names(out_dir: Path) -> list[str]:
     return [f"ppo@{s}" for s in steps]
 
 
+def eval_near_duplicates(cfg: Config, prompts: dict[str, list[Prompt]]
+                         ) -> tuple[list[str], list[dict[str, Any]]]:
+    """Eval prompts that say again, in near-identical words, a prompt the run trains on
+    (`data.red_team`, `data.helpful`, as drawn): one line per eval set with any, and every such
+    pair. Row ranges alone (`eval_overlaps`) miss them."""
+    from cai_ray.data import DataError
+    from cai_ray.redteam import near_duplicates
+
+    try:
+        train = [(p.id, p.text) for src in (cfg.data.red_team, cfg.data.helpful)
+                 for p in eval_prompts(src, cfg)]
+    except DataError as e:  # an eval of models trained elsewhere need not have their data
+        log.warning("eval: near-duplicates of training prompts not checked: %s", e)
+        return [], []
+    keys = {"harmless": "eval.red_team", "helpful": "eval.helpful",
+            "over_refusal": "eval.over_refusal"}
+    t = cfg.eval.near_duplicate_jaccard
+    lines, pairs = [], []
+    for name, ps in prompts.items():
+        found = near_duplicates([(p.id, p.text) for p in ps], train, t)
+        pairs += [{"set": name, "eval_id": e, "train_id": i, "jaccard": round(j, 3)}
+                  for e, i, j in found]
+        if found:
+            e, i, j = max(found, key=lambda x: x[2])
+            lines.append(f"{keys[name]}: {len(found)} of {len(ps)} prompts near-duplicate a "
+                         f"training prompt (word-trigram Jaccard >= {t}; closest {e} ~ {i}, "
+                         f"{j:.2f})")
+    return lines, pairs
+
+
 class Evaluation:
     def __init__(self, cfg: Config, out_dir: Path, snapshots: list[Snapshot]):
         self.cfg, self.out, self.snaps = cfg, out_dir, snapshots
@@ -123,7 +156,8 @@ class Evaluation:
         if e.over_refusal is not None:
             self.prompts["over_refusal"] = eval_prompts(e.over_refusal, cfg)
         self.constitution = load_constitution(resolve_path(cfg.run.constitution))
-        self.not_held_out = eval_overlaps(cfg)
+        near, self.near_duplicates = eval_near_duplicates(cfg, self.prompts)
+        self.not_held_out = eval_overlaps(cfg) + near
         for line in self.not_held_out:
             log.warning("eval: %s; these numbers are not on held-out prompts", line)
         pm = out_dir / "rm" / "model"
@@ -283,6 +317,7 @@ class Evaluation:
             result = self.judge_all(resp)
         result["prompts"] = {k: len(v) for k, v in self.prompts.items()}
         result["not_held_out"] = self.not_held_out
+        result["near_duplicates"] = self.near_duplicates
         result["seconds"] = time.monotonic() - t0
         path = self.dir / "elo.json"
         tmp = path.with_suffix(".json.tmp")
