@@ -45,6 +45,17 @@ log = logging.getLogger("cai_ray")
 EXIT_INVALID = 2
 
 
+def _not_held_out(cfg: Any) -> list[str]:
+    """What keeps the eval's prompts from being held out from training, one line each, said
+    on stderr before anything trains."""
+    from cai_ray.stages.evaluate import not_held_out
+
+    lines = [f"eval: {x}; its numbers will not be on held-out prompts" for x in not_held_out(cfg)]
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+    return lines
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from cai_ray.config import load_config
 
@@ -120,7 +131,7 @@ Stage = tuple[str, Callable[[], object]]
 
 
 def _run_stages(args: argparse.Namespace, build: Callable[[Any, Path], list[Stage]],
-                precheck: Callable[[], object] | None = None) -> int:
+                precheck: Callable[[], object] | None = None, evaluates: bool = False) -> int:
     """Load and check everything, then run the stages in one Ray session, timing each and
     reporting the peak RSS of the whole process tree (driver + Ray workers)."""
     from cai_ray.config import load_config
@@ -134,6 +145,8 @@ def _run_stages(args: argparse.Namespace, build: Callable[[Any, Path], list[Stag
     setup_logging(cfg.run.log_level)
     resolve_dtypes(cfg)  # every `auto` dtype, once, before any actor starts; saved resolved
     out = prepare_run_dir(cfg, args.output)
+    if evaluates:
+        _not_held_out(cfg)  # now, not after hours of training
     times = {}
     with PeakRSS() as mem, ray_session(cfg):
         check_shared_output(out)  # a multi-node run on unshared storage stops here
@@ -375,7 +388,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                 ("sl/train", lambda: run_train(cfg, out)), *label, *rl,
                 ("eval", lambda: run_eval(cfg, out)), ("report", lambda: write_report(out))]
 
-    return _run_stages(args, build)
+    return _run_stages(args, build, evaluates=True)
 
 
 COMMANDS = {"validate": _cmd_validate, "keys": _cmd_keys, "constitution": _cmd_constitution,

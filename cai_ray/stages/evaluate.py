@@ -145,16 +145,35 @@ def eval_near_duplicates(cfg: Config, prompts: dict[str, list[Prompt]]
     return lines, pairs
 
 
+def eval_sources(cfg: Config) -> dict[str, list[Prompt]]:
+    """The eval's prompt sets, by aspect, in order."""
+    e = cfg.eval
+    out = {"harmless": eval_prompts(e.red_team, cfg), "helpful": eval_prompts(e.helpful, cfg)}
+    if e.over_refusal is not None:
+        out["over_refusal"] = eval_prompts(e.over_refusal, cfg)
+    return out
+
+
+def not_held_out(cfg: Config) -> list[str]:
+    """What keeps the eval from being held out (shared rows, near-duplicate prompts), for a
+    warning before training starts; eval prompts that cannot be read yet are left to the eval."""
+    from cai_ray.data import DataError
+
+    try:
+        prompts = eval_sources(cfg)
+    except DataError as e:
+        log.warning("eval: near-duplicates of training prompts not checked: %s", e)
+        return eval_overlaps(cfg)
+    return eval_overlaps(cfg) + eval_near_duplicates(cfg, prompts)[0]
+
+
 class Evaluation:
     def __init__(self, cfg: Config, out_dir: Path, snapshots: list[Snapshot]):
         self.cfg, self.out, self.snaps = cfg, out_dir, snapshots
         self.dir = out_dir / "eval"
         self.dir.mkdir(parents=True, exist_ok=True)
         e = cfg.eval
-        self.prompts: dict[str, list[Prompt]] = {
-            "harmless": eval_prompts(e.red_team, cfg), "helpful": eval_prompts(e.helpful, cfg)}
-        if e.over_refusal is not None:
-            self.prompts["over_refusal"] = eval_prompts(e.over_refusal, cfg)
+        self.prompts = eval_sources(cfg)
         self.constitution = load_constitution(resolve_path(cfg.run.constitution))
         near, self.near_duplicates = eval_near_duplicates(cfg, self.prompts)
         self.not_held_out = eval_overlaps(cfg) + near

@@ -82,3 +82,34 @@ def test_pipeline_with_online_dpo_checks_its_settings_before_sl_runs(tmp_path: P
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "ppo.samples_per_prompt: online DPO compares 2 responses per prompt, got 1" in p.stderr
     assert not (tmp_path / "sl").exists()  # nothing ran
+
+
+
+def test_pipeline_warns_before_training_when_eval_prompts_repeat_training_ones(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    import argparse
+    import contextlib
+
+    from cai_ray import cli as cli_mod
+    from cai_ray import runtime
+
+    ran: list[str] = []
+    monkeypatch.setattr(runtime, "ray_session", lambda cfg: contextlib.nullcontext())
+
+    def run(out: str, *overrides: str) -> str:
+        args = argparse.Namespace(config=str(ROOT / "configs" / "cpu-tiny.yaml"),
+                                  overrides=["eval.red_team.name=advbench",
+                                             "eval.red_team.limit=120", *overrides],
+                                  output=str(tmp_path / out), resume=False)
+        assert cli_mod._run_stages(args, lambda cfg, o: [("sl", lambda: ran.append(o))],
+                                   evaluates=True) == 0
+        return capsys.readouterr().err
+
+    # disjoint AdvBench rows, so no row is shared, but some requests recur in other words
+    err = run("a", "data.red_team.name=advbench", "data.red_team.skip=120",
+              "data.red_team.limit=null")
+    assert ("warning: eval: eval.red_team: 22 of 120 prompts near-duplicate a training prompt"
+            in err) and "will not be on held-out prompts" in err
+    assert len(ran) == 1  # said before the first stage, which then runs
+    # control: the tiny preset trains on Do-Not-Answer, which repeats none of them
+    assert "near-duplicate" not in run("b")
