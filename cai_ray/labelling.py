@@ -210,14 +210,18 @@ class Labeller:
 
     def _pointwise_queries(self, key: str, convo: list[dict[str, str]], a: str, b: str
                            ) -> list[JudgeQuery]:
+        return (self._response_queries(f"{key}|a", convo, a)
+                + self._response_queries(f"{key}|b", convo, b))
+
+    def _response_queries(self, key: str, convo: list[dict[str, str]], response: str
+                          ) -> list[JudgeQuery]:
+        """The pointwise questions about one response, each in both orders (or the first)."""
         from cai_ray.verdicts import LABEL_QUESTIONS, single_queries
 
         out = []
-        for side, response in (("a", a), ("b", b)):
-            for name in POINTWISE_QUESTIONS:
-                qs = single_queries(f"{key}|{side}|{name}", convo, response,
-                                    LABEL_QUESTIONS[name])
-                out += qs if self.f.both_orders else qs[:1]
+        for name in POINTWISE_QUESTIONS:
+            qs = single_queries(f"{key}|{name}", convo, response, LABEL_QUESTIONS[name])
+            out += qs if self.f.both_orders else qs[:1]
         return out
 
     def badness(self, p_harm: float, p_evades: float) -> float:
@@ -243,6 +247,53 @@ class Labeller:
         bad_a, bad_b = self.badness(*yes[:n]), self.badness(*yes[n:])
         return sigmoid(bad_b - bad_a), disagree
 
+    def group_queries(self, key: str, convo: list[dict[str, str]], responses: Sequence[str],
+                      aspect: str) -> list[JudgeQuery]:
+        """The judgements of one prompt's N responses (N even), folded by `group_pairs`.
+
+        Pointwise: every response's own questions (the cost grows with N, not with the pairs).
+        Pairwise: the disjoint pairs (0, 1), (2, 3), ..., each under its own principles."""
+        n = len(responses)
+        if n < 2 or n % 2:
+            raise ValueError(f"a group needs an even number >= 2 of responses, got {n}")
+        if self.pointwise(aspect):
+            return [q for i, r in enumerate(responses)
+                    for q in self._response_queries(f"{key}|{_side(i)}", convo, r)]
+        return [q for k in range(n // 2)
+                for q in self.queries(key if k == 0 else f"{key}|pair{k}", convo,
+                                      responses[2 * k], responses[2 * k + 1], aspect)]
+
+    def group_pairs(self, probs: list[float], aspect: str, n: int
+                    ) -> list[tuple[int, int, float, bool]]:
+        """(i, j, p(i better than j), order disagreement) for the n/2 pairs of one group.
+
+        Pointwise: the responses ranked by badness and paired outside-in, best against worst,
+        then second best against second worst, ...: of N samples the first pair is the one
+        most likely to differ in harm, where two samples of the same prompt mostly do not.
+        Pairwise: the disjoint pairs as asked."""
+        if self.pointwise(aspect):
+            per = len(POINTWISE_QUESTIONS) * (2 if self.f.both_orders else 1)
+            if len(probs) != per * n:
+                raise ValueError(f"a pointwise group of {n} has {per * n} judgements, "
+                                 f"got {len(probs)}")
+            bad, dis = [], []
+            for i in range(n):
+                yes, d = self._orders(probs[i * per:(i + 1) * per])
+                bad.append(self.badness(*yes))
+                dis.append(d)
+            rank = sorted(range(n), key=lambda i: (bad[i], i))
+            return [(rank[m], rank[n - 1 - m], sigmoid(bad[rank[n - 1 - m]] - bad[rank[m]]),
+                     dis[rank[m]] or dis[rank[n - 1 - m]]) for m in range(n // 2)]
+        if len(probs) % (n // 2):
+            raise ValueError(f"a pairwise group of {n} has a multiple of {n // 2} judgements, "
+                             f"got {len(probs)}")
+        per = len(probs) // (n // 2)
+        out = []
+        for m in range(n // 2):
+            p, d = self.fold(probs[m * per:(m + 1) * per], aspect)
+            out.append((2 * m, 2 * m + 1, p, d))
+        return out
+
     def fold(self, probs: list[float], aspect: str) -> tuple[float, bool]:
         """(p_a, order disagreement) from the probabilities of one pair's queries, in order."""
         if self.pointwise(aspect):
@@ -252,3 +303,8 @@ class Labeller:
             probs = [clamp(p, lo, hi) for p in probs]
         per, disagree = self._orders(probs)
         return sum(per) / len(per), disagree
+
+
+def _side(i: int) -> str:
+    """A group's i-th response in query ids: a, b, c, ... (a and b as in a pair's)."""
+    return chr(ord("a") + i) if i < 26 else f"r{i}"

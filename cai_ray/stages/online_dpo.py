@@ -6,11 +6,14 @@ Noukhovitch et al., 2024).
     cai-ray pipeline ... pipeline.rl=online_dpo
 
 It is PPO's streaming driver (`PPORun`) with three roles swapped: each step the rollout role
-samples `ppo.samples_per_prompt` = 2 responses per prompt (the next batches are generated
-while this one trains, at most `ppo.max_staleness` weight versions behind); the feedback role
-labels each pair under sampled principles in both orders (soft p(A), `feedback.*`, as
-`cai-ray label` does); the reference role's summed log-probs (temperature 1) of both
-responses; then one DPO step of the trainer over the batch (`dpo.*`), and the weight sync
+samples `ppo.samples_per_prompt` responses per prompt (the next batches are generated while
+this one trains, at most `ppo.max_staleness` weight versions behind); the feedback role labels
+them (soft p(A), `feedback.*`, as `cai-ray label` does): with 2, the pair under sampled
+principles in both orders; with pointwise harmlessness labels and N = 4, 6, ..., each response
+on its own, the best paired with the worst, the second best with the second worst, ... (N/2
+pairs per prompt; of two samples of a prompt most agree in harm, the extremes of N far less
+often; pairwise with N > 2, the disjoint pairs (0, 1), (2, 3), ...); the reference role's summed log-probs (temperature 1) of every response; then one DPO
+step of the trainer over the batch's pairs (`dpo.*`), and the weight sync
 with its audit and probe. Checkpoints, `--resume` (every prompt once), restarts of the
 rollout, feedback and reference actors, and the metrics (`dpo/*`, `judge/*`, sync, staleness,
 phase timers) are PPO's. `DIR/online_dpo/model` is the policy.
@@ -56,9 +59,9 @@ class Judged:
 def online_dpo_problems(cfg: Config) -> list[tuple[str, str]]:
     p = cfg.ppo
     out = []
-    if p.samples_per_prompt != 2:
-        out.append(("ppo.samples_per_prompt", f"online DPO compares 2 responses per prompt, got "
-                    f"{p.samples_per_prompt}"))
+    if p.samples_per_prompt < 2 or p.samples_per_prompt % 2:
+        out.append(("ppo.samples_per_prompt", "online DPO pairs each prompt's responses, so it "
+                    f"needs an even number >= 2 of them, got {p.samples_per_prompt}"))
     if p.eval_every:
         out.append(("ppo.eval_every", "the live PM Elo needs a PM, which online DPO does not "
                     "train; set 0 and rate the policy with `cai-ray eval`"))
@@ -105,21 +108,25 @@ class OnlineDPORun(PPORun):
 
     def make_experience(self, samples: list[Sample], timer: PhaseTimer
                         ) -> tuple[DPOPairs, Judged]:  # type: ignore[override]
-        """Judge every pair (both orders, sampled principles) and take the reference's sums,
-        at once on their own actors."""
+        """Judge each prompt's samples (`Labeller.group_queries`: pointwise, every response;
+        pairwise, disjoint pairs in both orders under sampled principles), pair them
+        (`Labeller.group_pairs`: pointwise, best against worst outside-in) and take the
+        reference's sums, at once on their own actors."""
         budget = self.cfg.run.max_restarts
         seqs = [(s.prompt_ids, s.response_ids) for s in samples]
         assert self.reference is not None
         ref_p = self.reference.submit_shards(ReferenceWorker.logprob_sums, seqs)
-        pairs = [(samples[i], samples[i + 1]) for i in range(0, len(samples), 2)]
-        per_pair: list[tuple[int, str]] = []
+        n = self.cfg.ppo.samples_per_prompt
+        groups = [samples[i:i + n] for i in range(0, len(samples), n)]
+        per_group: list[tuple[int, str]] = []
         queries = []
-        for a, b in pairs:
-            assert a.prompt.id == b.prompt.id, "a batch holds each prompt's samples together"
-            aspect = self._aspect(a)
-            q = self.lab.queries(f"online:{self.step}:{a.prompt.id}", a.prompt.messages,
-                                 a.text, b.text, aspect)
-            per_pair.append((len(q), aspect))
+        for g in groups:
+            assert len({s.prompt.id for s in g}) == 1, \
+                "a batch holds each prompt's samples together"
+            aspect = self._aspect(g[0])
+            q = self.lab.group_queries(f"online:{self.step}:{g[0].prompt.id}",
+                                       g[0].prompt.messages, [s.text for s in g], aspect)
+            per_group.append((len(q), aspect))
             queries += q
         with timer("experience"):
             pass  # no trainer forward before the update: DPO's log-probs are the update's own
@@ -128,16 +135,20 @@ class OnlineDPORun(PPORun):
         with timer("reference"):
             sums = self.reference.gather_again(ref_p, ReferenceWorker.logprob_sums, seqs,
                                                max_restarts=budget)
-        p_a, dis, at = [], 0, 0
-        for n, aspect in per_pair:
-            p, d = self.lab.fold(probs[at:at + n], aspect)
-            at += n
-            p_a.append(p)
-            dis += int(d)
-        scores = torch.tensor([x for p in p_a for x in (p, 1.0 - p)])
-        exp = DPOPairs([(a.prompt_ids, a.response_ids) for a, _ in pairs],
-                       [(b.prompt_ids, b.response_ids) for _, b in pairs],
-                       sums[0::2], sums[1::2], p_a)
+        # (index of a, index of b, p(a better)) over the batch, pairs in group order
+        pairs: list[tuple[int, int, float]] = []
+        dis, at = 0, 0
+        for gi, (k, aspect) in enumerate(per_group):
+            for i, j, p, d in self.lab.group_pairs(probs[at:at + k], aspect, n):
+                pairs.append((gi * n + i, gi * n + j, p))
+                dis += int(d)
+            at += k
+        p_a = [p for _, _, p in pairs]
+        scores = torch.zeros(len(samples))
+        for i, j, p in pairs:
+            scores[i], scores[j] = p, 1.0 - p
+        exp = DPOPairs([seqs[i] for i, _, _ in pairs], [seqs[j] for _, j, _ in pairs],
+                       [sums[i] for i, _, _ in pairs], [sums[j] for _, j, _ in pairs], p_a)
         truncated = torch.tensor([not s.finished for s in samples])
         return exp, Judged(scores, p_a, dis, truncated)
 
@@ -171,6 +182,7 @@ class OnlineDPORun(PPORun):
             else 0.0,
             "judge/label_confidence": sum(confidence) / len(confidence),
             "judge/order_disagreement": sc.disagreements / len(sc.p_a),
+            "judge/pairs": float(len(sc.p_a)),
             "kl/mean": kl, "kl/coef": beta,
             "response/length_mean": float(sum(lengths) / len(lengths)),
             "response/truncated_fraction": float(sc.truncated.float().mean()),

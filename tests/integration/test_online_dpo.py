@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from cai_ray.config import load_config
 from cai_ray.data import PromptStream
 from cai_ray.rollouts import ppo_prompts
@@ -43,11 +45,34 @@ def test_online_dpo_judges_fresh_pairs_and_syncs_every_step(ray_local, tiny_mode
     assert run_online_dpo(cfg, tmp_path) == model  # done: a rerun skips
 
 
-def test_online_dpo_refuses_one_sample_per_prompt(tmp_path: Path) -> None:
+def test_four_samples_with_pointwise_labels_train_on_two_pairs_per_prompt(
+        ray_local, tiny_model_dir, tmp_path: Path) -> None:
+    """Each response judged on its own, best paired with worst: N/2 pairs per prompt (the
+    tiny prompts mix red-team and helpful ones: pointwise and pairwise groups in one batch),
+    and the run still trains every prompt once."""
+    cfg = load_config(TINY, ["ppo.samples_per_prompt=4", "ppo.steps=2",
+                             "feedback.harmless_labels=pointwise", "dpo.lr=1e-2"])
+    model = run_online_dpo(cfg, tmp_path)
+    assert (model / "config.json").exists()
+    rows = [json.loads(x) for x in (tmp_path / "online_dpo" / "metrics.jsonl").read_text()
+            .splitlines()]
+    rows = [r for r in rows if "dpo/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["judge/pairs"] == cfg.ppo.rollout_batch_size * 2, r
+        assert r["sync/logprob_max_diff"] < 1e-3 and r["time/score"] > 0
+    consumed = [json.loads(x) for x in
+                (tmp_path / "online_dpo" / "consumed.jsonl").read_text().splitlines()]
+    assert len({i for c in consumed for i in c["prompts"]}) == 2 * cfg.ppo.rollout_batch_size
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_online_dpo_refuses_an_odd_number_of_samples_per_prompt(tmp_path: Path, n: int) -> None:
     code, _, err = run_cli("online-dpo", "--config", str(TINY), "--output", str(tmp_path),
-                           "ppo.samples_per_prompt=1")
+                           f"ppo.samples_per_prompt={n}")
     assert code == 2, err[-2000:]
-    assert "ppo.samples_per_prompt: online DPO compares 2 responses per prompt, got 1" in err
+    assert ("ppo.samples_per_prompt: online DPO pairs each prompt's responses, so it "
+            f"needs an even number >= 2 of them, got {n}") in err
 
 
 def test_a_judge_with_another_tokenizer_is_accepted(tiny_model_dir, tmp_path: Path) -> None:

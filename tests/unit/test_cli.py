@@ -80,7 +80,8 @@ def test_pipeline_with_online_dpo_checks_its_settings_before_sl_runs(tmp_path: P
     p = cli("pipeline", "--config", "configs/cpu-tiny.yaml", "--output", str(tmp_path),
             "pipeline.rl=online_dpo", "run.local_mode=true")
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert "ppo.samples_per_prompt: online DPO compares 2 responses per prompt, got 1" in p.stderr
+    assert ("ppo.samples_per_prompt: online DPO pairs each prompt's responses, so it "
+            "needs an even number >= 2 of them, got 1") in p.stderr
     assert not (tmp_path / "sl").exists()  # nothing ran
 
 

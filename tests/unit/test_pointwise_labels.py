@@ -112,3 +112,61 @@ def test_pointwise_rejects_cot() -> None:
     with pytest.raises(ValidationError, match="pointwise_evasive_weight"):
         load_config(TINY, ["feedback.pointwise_evasive_weight=-1"], check_env=False)
     assert math.isfinite(logit(0.0)) and math.isfinite(logit(1.0))
+
+
+def group_probs(p_yes: list[tuple[float, float]]) -> list[float]:
+    """The judge's p(option A) for a group's responses with these (p harmful, p evasive), in
+    `group_queries` order (per response: harmful yes-first, no-first, evasive the same)."""
+    return [x for h, e in p_yes for y in (h, e) for x in (y, 1 - y)]
+
+
+def test_a_group_of_four_asks_each_response_once_and_pairs_best_with_worst() -> None:
+    lab = labeller()
+    answers = [f"Answer number {i} of four." for i in range(4)]
+    qs = lab.group_queries("k", CONVO, answers, "harmless")
+    assert len(qs) == 4 * 4  # 2 questions x 2 orders per response, not per pair
+    assert [q.query_id for q in qs[4:8]] == ["k|b|harmful|0", "k|b|harmful|1",
+                                            "k|b|evasive|0", "k|b|evasive|1"]
+    for n, q in enumerate(qs):  # each query shows its own response and no other
+        assert [a in q.question for a in answers] == [i == n // 4 for i in range(4)]
+    # harm 0.6 / 0.95 / 0.05 / 0.3: best is 2, worst 1, then 3 against 0
+    probs = group_probs([(0.6, 0.1), (0.95, 0.1), (0.05, 0.1), (0.3, 0.1)])
+    pairs = lab.group_pairs(probs, "harmless", 4)
+    assert [(i, j) for i, j, _, _ in pairs] == [(2, 1), (3, 0)]
+    w = lab.f.pointwise_evasive_weight
+    bad = [logit(h) + w * logit(0.1) for h in (0.6, 0.95, 0.05, 0.3)]
+    assert pairs[0][2] == pytest.approx(sigmoid(bad[1] - bad[2]))
+    assert pairs[0][2] > pairs[1][2] > 0.5  # the outer pair is the surer one
+    assert not any(d for *_, d in pairs)
+    # control: with two responses the group is the pair, its label the pair's own fold
+    two = group_probs([(0.9, 0.1), (0.1, 0.1)])
+    (i, j, p, _), = lab.group_pairs(two, "harmless", 2)
+    q, _ = lab.fold(two, "harmless")
+    assert (i, j) == (1, 0) and p == pytest.approx(1 - q)
+    assert [x.question for x in lab.group_queries("k", CONVO, [HARMFUL, ENGAGED], "harmless")] \
+        == [x.question for x in lab.queries("k", CONVO, HARMFUL, ENGAGED, "harmless")]
+
+
+def test_a_group_flags_disagreement_per_pair_and_checks_its_counts() -> None:
+    lab = labeller()
+    probs = group_probs([(0.6, 0.1), (0.95, 0.1), (0.05, 0.1), (0.3, 0.1)])
+    probs[0] = probs[1] = 0.9  # response 0's harm question: yes first 0.9, no first 0.9
+    pairs = lab.group_pairs(probs, "harmless", 4)
+    assert [d for *_, d in pairs] == [False, True]  # only the pair with response 0
+    with pytest.raises(ValueError, match="16 judgements, got 12"):
+        lab.group_pairs(probs[:12], "harmless", 4)
+    with pytest.raises(ValueError, match="even number"):
+        lab.group_queries("k", CONVO, ["a", "b", "c"], "harmless")
+
+
+def test_a_pairwise_group_is_split_into_disjoint_pairs_with_their_own_principles() -> None:
+    lab = labeller("feedback.num_principles=1")
+    qs = lab.group_queries("k", CONVO, [HARMFUL, ENGAGED, REFUSAL, HARMFUL], "helpful")
+    assert len(qs) == 4  # 2 pairs x 2 orders
+    assert HARMFUL in qs[0].question and ENGAGED in qs[0].question
+    assert REFUSAL in qs[2].question and ENGAGED not in qs[2].question
+    assert [x.question for x in qs[:2]] == \
+        [x.question for x in lab.queries("k", CONVO, HARMFUL, ENGAGED, "helpful")]
+    pairs = lab.group_pairs([0.8, 0.3, 0.2, 0.9], "helpful", 4)
+    assert [(i, j) for i, j, _, _ in pairs] == [(0, 1), (2, 3)]
+    assert pairs[0][2] == pytest.approx(0.75) and pairs[1][2] == pytest.approx(0.15)
