@@ -23,7 +23,7 @@ from typing import Any
 from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
 from cai_ray.actors.weight_sync import SyncReport
 from cai_ray.config import Config, EngineConfig, ModelSpec
-from cai_ray.hardware import dtype_name
+from cai_ray.hardware import dtype_name, release_freed_memory
 from cai_ray.messages import Completion, GenerationRequest, GenerationResult
 from cai_ray.models import resolve
 from cai_ray.runtime import device_of, role_group
@@ -312,6 +312,11 @@ class RolloutWorker(Worker):
     def reset_prefix_cache(self) -> None:
         """Forget cached prefixes (after new weights; and so benchmarks start cold)."""
         self.llm.reset_prefix_cache()
+
+    def release_memory(self) -> tuple[int, int]:
+        """Hand the heap pages freed since the last call back to the OS (`malloc_trim`); the
+        actor's RSS in bytes before and after, for the run's memory metrics."""
+        return release_freed_memory()
 
     def _audit(self) -> Any:
         """The engine's `WeightAudit`, when its model lives in this process (the in-process

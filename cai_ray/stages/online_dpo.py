@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from cai_ray.actors.dpo import OnlineDPOTrainerWorker, online_dpo_trainer_group
-from cai_ray.actors.feedback import feedback_group, judge
+from cai_ray.actors.feedback import FeedbackWorker, feedback_group, judge
 from cai_ray.actors.group import ActorGroup
 from cai_ray.actors.reference import ReferenceWorker, reference_group
 from cai_ray.actors.rollout import rollout_group
@@ -54,6 +54,7 @@ class Judged:
     p_a: list[float]  # [B/2] per pair
     disagreements: int  # pairs whose two orders disagreed
     truncated: torch.Tensor  # [B] bool
+    judge_rss: tuple[int, int] = (0, 0)  # the feedback actors' largest RSS before/after a trim
 
 
 def online_dpo_problems(cfg: Config) -> list[tuple[str, str]]:
@@ -150,7 +151,16 @@ class OnlineDPORun(PPORun):
         exp = DPOPairs([seqs[i] for i, _, _ in pairs], [seqs[j] for _, j, _ in pairs],
                        [sums[i] for i, _, _ in pairs], [sums[j] for _, j, _ in pairs], p_a)
         truncated = torch.tensor([not s.finished for s in samples])
-        return exp, Judged(scores, p_a, dis, truncated)
+        return exp, Judged(scores, p_a, dis, truncated, self._trim_judge())
+
+    def _trim_judge(self) -> tuple[int, int]:
+        """After each step's judgements, the feedback actors hand their freed heap back: in
+        long runs the judge's actor was the one that grew until the node ran out of memory.
+        (largest RSS before, after) over the actors."""
+        group = self.scorer
+        sizes = group.get([group.submit(r, FeedbackWorker.release_memory)
+                           for r in range(group.num_actors)])
+        return max(b for b, _ in sizes), max(a for _, a in sizes)
 
     def update(self, exp: DPOPairs) -> list[DPOStats]:  # type: ignore[override]
         """Every trainer rank takes one DPO step on its contiguous share of the pairs."""
@@ -183,6 +193,8 @@ class OnlineDPORun(PPORun):
             "judge/label_confidence": sum(confidence) / len(confidence),
             "judge/order_disagreement": sc.disagreements / len(sc.p_a),
             "judge/pairs": float(len(sc.p_a)),
+            "memory/judge_rss_gib": sc.judge_rss[1] / 2**30,
+            "memory/judge_trimmed_gib": (sc.judge_rss[0] - sc.judge_rss[1]) / 2**30,
             "kl/mean": kl, "kl/coef": beta,
             "response/length_mean": float(sum(lengths) / len(lengths)),
             "response/truncated_fraction": float(sc.truncated.float().mean()),

@@ -60,6 +60,8 @@ def test_four_samples_with_pointwise_labels_train_on_two_pairs_per_prompt(
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["judge/pairs"] == cfg.ppo.rollout_batch_size * 2, r
+        # the judge's actor reports its RSS after handing freed heap back, every step
+        assert r["memory/judge_rss_gib"] > 0.1 and r["memory/judge_trimmed_gib"] >= 0, r
         assert r["sync/logprob_max_diff"] < 1e-3 and r["time/score"] > 0
     consumed = [json.loads(x) for x in
                 (tmp_path / "online_dpo" / "consumed.jsonl").read_text().splitlines()]
