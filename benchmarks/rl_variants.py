@@ -13,7 +13,8 @@ Every variant starts from the same SL-CAI policy and is rated on the same held-o
    - ppo: `rm` (the PM on the base's labels) then `ppo`;
    - dpo: `dpo` on the base's labels;
    - online_dpo: `online_dpo` (the judge labels fresh policy samples in the loop), with two
-     samples per prompt and no live PM Elo.
+     samples per prompt unless the command line sets `ppo.samples_per_prompt`, and no live PM
+     Elo.
    Each runs at the settings it was measured at (`VARIANT_OVERRIDES`).
    Then `eval` rates the initial policy and the variant's final policy.
 3. Cost: the variant's own stages, plus the label stage for the two that learn from its
@@ -47,7 +48,8 @@ VARIANTS = ("ppo", "dpo", "online_dpo")
 # What a variant needs beyond the preset (given before the command line's overrides, which win).
 # The preset is set for online DPO (two samples per prompt, no PM for the live Elo, 72 steps at
 # 2e-5); PPO gets one sample per prompt, its live Elo and 24 steps, and offline DPO 1e-5, the
-# settings each was measured at. Online DPO compares two samples per prompt in any preset.
+# settings each was measured at. Online DPO compares two samples per prompt in any preset
+# unless the command line asks for more (e.g. ppo.samples_per_prompt=4 with pointwise labels).
 VARIANT_OVERRIDES = {
     "ppo": ["ppo.samples_per_prompt=1", "ppo.eval_every=12", "ppo.steps=24"],
     "dpo": ["dpo.lr=1.0e-5"],

@@ -8,13 +8,13 @@ Noukhovitch et al., 2024).
 It is PPO's streaming driver (`PPORun`) with three roles swapped: each step the rollout role
 samples `ppo.samples_per_prompt` responses per prompt (the next batches are generated while
 this one trains, at most `ppo.max_staleness` weight versions behind); the feedback role labels
-them (soft p(A), `feedback.*`, as `cai-ray label` does): with 2, the pair under sampled
-principles in both orders; with pointwise harmlessness labels and N = 4, 6, ..., each response
-on its own, the best paired with the worst, the second best with the second worst, ... (N/2
-pairs per prompt; of two samples of a prompt most agree in harm, the extremes of N far less
-often; pairwise with N > 2, the disjoint pairs (0, 1), (2, 3), ...); the reference role's summed log-probs (temperature 1) of every response; then one DPO
-step of the trainer over the batch's pairs (`dpo.*`), and the weight sync
-with its audit and probe. Checkpoints, `--resume` (every prompt once), restarts of the
+them in N/2 pairs per prompt (soft p(A), `feedback.*`, as `cai-ray label` does): pairwise,
+the disjoint pairs (0, 1), (2, 3), ... under sampled principles in both orders; with pointwise
+harmlessness labels, each response on its own, then the best paired with the worst, the second
+best with the second worst, ... (two samples of a prompt mostly agree in harm, the extremes of
+N far less often); the reference role's summed log-probs (temperature 1) of every response;
+then one DPO step of the trainer over the batch's pairs (`dpo.*`), and the weight sync with
+its audit and probe. Checkpoints, `--resume` (every prompt once), restarts of the
 rollout, feedback and reference actors, and the metrics (`dpo/*`, `judge/*`, sync, staleness,
 phase timers) are PPO's. `DIR/online_dpo/model` is the policy.
 """
