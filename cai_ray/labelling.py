@@ -242,10 +242,19 @@ class Labeller:
         want = 2 * len(POINTWISE_QUESTIONS) * (2 if self.f.both_orders else 1)
         if len(probs) != want:
             raise ValueError(f"a pointwise comparison has {want} judgements, got {len(probs)}")
-        yes, disagree = self._orders(probs)  # p(yes): each question asks yes as (A) first
-        n = len(POINTWISE_QUESTIONS)
-        bad_a, bad_b = self.badness(*yes[:n]), self.badness(*yes[n:])
-        return sigmoid(bad_b - bad_a), disagree
+        (bad_a, bad_b), dis = self._badnesses(probs, 2)
+        return sigmoid(bad_b - bad_a), any(dis)
+
+    def _badnesses(self, probs: list[float], n: int) -> tuple[list[float], list[bool]]:
+        """Per response of n, its badness and whether its orders disagreed, from its pointwise
+        judgements in query order (p(yes): each question asks yes as (A) first)."""
+        per = len(probs) // n
+        bad, dis = [], []
+        for i in range(n):
+            yes, d = self._orders(probs[i * per:(i + 1) * per])
+            bad.append(self.badness(*yes))
+            dis.append(d)
+        return bad, dis
 
     def group_queries(self, key: str, convo: list[dict[str, str]], responses: Sequence[str],
                       aspect: str) -> list[JudgeQuery]:
@@ -276,11 +285,7 @@ class Labeller:
             if len(probs) != per * n:
                 raise ValueError(f"a pointwise group of {n} has {per * n} judgements, "
                                  f"got {len(probs)}")
-            bad, dis = [], []
-            for i in range(n):
-                yes, d = self._orders(probs[i * per:(i + 1) * per])
-                bad.append(self.badness(*yes))
-                dis.append(d)
+            bad, dis = self._badnesses(probs, n)
             rank = sorted(range(n), key=lambda i: (bad[i], i))
             return [(rank[m], rank[n - 1 - m], sigmoid(bad[rank[n - 1 - m]] - bad[rank[m]]),
                      dis[rank[m]] or dis[rank[n - 1 - m]]) for m in range(n // 2)]
