@@ -31,6 +31,10 @@ class SLConfig:
                                        non_negative)
     top_p: float | None = option(None, "nucleus mass for SL generation; null = "
                                  "rollout.sampling.top_p", in_range(0.0, 1.0, lo_open=True))
+    top_k: int | None = option(None, "top-k for SL generation (0 = off); null = "
+                               "rollout.sampling.top_k. On CPU vLLM sorts the whole vocabulary "
+                               "for top_p but not for top_k alone (benchmarks/sampler_cost.py)",
+                               non_negative)
     repetition_penalty: float | None = option(None, "repetition penalty for SL generation; "
                                               "null = rollout.sampling.repetition_penalty",
                                               positive)

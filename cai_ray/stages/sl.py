@@ -68,7 +68,8 @@ def sl_sampling(cfg: Config) -> dict[str, Any]:
     """SL generation's sampling: `sl.*` where set, else `rollout.sampling.*`."""
     s, sl = cfg.rollout.sampling, cfg.sl
     return {"temperature": sl.temperature if sl.temperature is not None else s.temperature,
-            "top_p": sl.top_p if sl.top_p is not None else s.top_p, "top_k": s.top_k,
+            "top_p": sl.top_p if sl.top_p is not None else s.top_p,
+            "top_k": sl.top_k if sl.top_k is not None else s.top_k,
             "repetition_penalty": sl.repetition_penalty if sl.repetition_penalty is not None
             else s.repetition_penalty, "max_tokens": sl.max_new_tokens}
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tqdm import tqdm
 
 from cai_ray.actors.group import ActorGroup, Worker, WorkerContext
 from cai_ray.actors.rollout import RolloutWorker
 from cai_ray.config import RoleResources, load_config
+from cai_ray.configschema import ValidationError
 from cai_ray.constitution import load_constitution
 from cai_ray.messages import Completion, GenerationRequest, GenerationResult, Prompt
 from cai_ray.stages.sl import Chain, Chunk, CritiqueRevision, generate_chains
@@ -102,3 +104,27 @@ def test_the_reviser_sees_the_answer_as_a_transcript_it_did_not_write() -> None:
     (crit,) = own.requests(chunk)
     assert crit.messages[-2] == {"role": "assistant", "content": "Use a tension wrench."}
     assert crit.messages[-1] == {"role": "user", "content": pair.critique}
+
+
+def test_sl_sampling_overrides_the_rollout_sampler_key_by_key() -> None:
+    c = load_constitution(ROOT / "constitutions" / "default.yaml")
+    chunk = Chunk([Chain(Prompt(id="p0", messages=[{"role": "user", "content": "hi"}],
+                                source="test"))])
+    base = load_config(ROOT / "configs" / "cpu-tiny.yaml", ["rollout.sampling.temperature=0.7"])
+    [r] = CritiqueRevision(base, c).requests(chunk)
+    s = base.rollout.sampling
+    assert (r.temperature, r.top_p, r.top_k, r.repetition_penalty) == (
+        s.temperature, s.top_p, s.top_k, s.repetition_penalty)
+    own = load_config(ROOT / "configs" / "cpu-tiny.yaml", [
+        "rollout.sampling.temperature=0.7", "sl.top_k=50", "sl.top_p=1.0",
+        "sl.repetition_penalty=1.1", "sl.max_new_tokens=33"])
+    [r] = CritiqueRevision(own, c).requests(chunk)
+    assert (r.temperature, r.top_p, r.top_k, r.repetition_penalty, r.max_tokens) == (
+        0.7, 1.0, 50, 1.1, 33)
+    # the rollout's own sampler, which RL trains on, is left as it was
+    assert own.rollout.sampling.top_k == 0
+
+
+def test_sl_top_k_is_checked_before_any_actor() -> None:
+    with pytest.raises(ValidationError, match=r"sl\.top_k"):
+        load_config(ROOT / "configs" / "cpu-tiny.yaml", ["sl.top_k=-1"])
