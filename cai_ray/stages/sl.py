@@ -67,11 +67,10 @@ class Chunk:
 def sl_sampling(cfg: Config) -> dict[str, Any]:
     """SL generation's sampling: `sl.*` where set, else `rollout.sampling.*`."""
     s, sl = cfg.rollout.sampling, cfg.sl
-    return {"temperature": sl.temperature if sl.temperature is not None else s.temperature,
-            "top_p": sl.top_p if sl.top_p is not None else s.top_p,
-            "top_k": sl.top_k if sl.top_k is not None else s.top_k,
-            "repetition_penalty": sl.repetition_penalty if sl.repetition_penalty is not None
-            else s.repetition_penalty, "max_tokens": sl.max_new_tokens}
+    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
+    own = {k: getattr(sl, k) for k in keys}
+    return {**{k: getattr(s, k) if own[k] is None else own[k] for k in keys},
+            "max_tokens": sl.max_new_tokens}
 
 
 class CritiqueRevision:
